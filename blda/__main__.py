@@ -1,0 +1,3 @@
+from blda.cli import main
+
+main()
