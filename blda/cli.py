@@ -13,6 +13,7 @@ from calibration.cli import app as calibrate_app
 from service.cli import app as service_app
 from training.cli import app as training_app
 from training.data.cli import app as data_app
+from training.train_cli import app as train_app
 
 app = typer.Typer(
     name="blda",
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(calibrate_app, name="calibrate", help="Fit and apply calibration tables on logits files.")
 app.add_typer(data_app)
+app.add_typer(train_app)
 app.add_typer(training_app)
 app.add_typer(service_app)
 

@@ -1,0 +1,7 @@
+"""Sub-commands of `blda` (see blda/cli.py). Heavy imports go inside the commands."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
