@@ -27,9 +27,10 @@ def normalise_images(images: np.ndarray) -> np.ndarray:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images: expected (N, H, W, 3) or (H, W, 3), got shape {images.shape}")
-    x = images.astype(np.float32) / 255.0  # (N, H, W, 3)
-    x = (x - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (N, 3, H, W)
+    mean = np.asarray(IMAGE_MEAN, np.float32) * np.float32(255.0)
+    std = np.asarray(IMAGE_STD, np.float32) * np.float32(255.0)
+    x = (images.astype(np.float32) - mean) / std  # (N, H, W, 3)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)  # (N, 3, H, W)
 
 
 def images_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
