@@ -1,0 +1,290 @@
+"""Shift tables Δ_cl and the calibrated decision rule (DESIGN.md §2).
+
+Δ_cl(z) = A^-1(clip(F_cl(z), eps, 1 - eps)) - z, with A the positive anchor when c = l and the negative
+anchor otherwise, is tabulated per pair on a uniform knot grid and held constant beyond it. The decision for
+a pixel with logits z (C,) is argmax_c softmax_l(z_l + tau * Δ_cl(z_l))[c].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from calibration.distributions import Gmm, gmm_cdf, gmm_quantile, tabulate_cdf
+
+# Float32 arithmetic on logits of magnitude up to ~1e3 is off by at most ~1e-4; the bound test gives this
+# much slack so that rounding can only add candidates, never drop the winner.
+_BOUND_SLACK = 1e-3
+# Elements per (hypothesis, class, pixel) work array in the exact evaluation: bounds its memory (~4 MB).
+_EVAL_BUDGET = 1 << 20
+
+
+@dataclass(frozen=True)
+class ShiftTables:
+    """Δ_cl on a uniform knot grid per pair (c, l); Δ is held constant beyond the grid."""
+
+    lo: np.ndarray  # (C, C) float32, first knot of pair (c, l)
+    step: np.ndarray  # (C, C) float32 > 0, knot spacing
+    delta: np.ndarray  # (C, C, M) float32, Δ_cl at the knots
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.delta.shape[0])
+
+    @property
+    def num_knots(self) -> int:
+        return int(self.delta.shape[2])
+
+
+def build_shift_tables(
+    pairs: Gmm,
+    anchor_pos: Gmm,
+    anchor_neg: Gmm,
+    counts: np.ndarray | None = None,
+    num_knots: int = 256,
+    eps: float = 0.01,
+    margin: float = 0.0,
+    anchor_knots: int = 4096,
+) -> ShiftTables:
+    """Tabulate Δ_cl for pair mixtures (C, C, K) against the anchors; pairs with count 0 get Δ = 0.
+
+    The grid of pair (c, l) spans its clamped quantile range [F_cl^-1(eps), F_cl^-1(1 - eps)], widened on
+    each side by `margin` times its width. With margin 0 (the default) the constant extension beyond the
+    grid is a translation by the edge shift, so z + Δ(z) stays increasing and Δ is exactly 0 everywhere
+    when F_cl equals its anchor; a margin > 0 pins z + Δ(z) to the anchor's clamp quantile over the margin
+    (the reference code's behaviour there) before the constant extension.
+    """
+    if len(pairs.batch_shape) != 2 or pairs.batch_shape[0] != pairs.batch_shape[1]:
+        raise ValueError(f"expected pair mixtures of batch shape (C, C), got {pairs.batch_shape}")
+    if not 0.0 < eps < 0.5:
+        raise ValueError(f"expected eps in (0, 0.5), got {eps}")
+    if num_knots < 2:
+        raise ValueError(f"expected num_knots >= 2, got {num_knots}")
+    c = pairs.batch_shape[0]
+    if counts is None:
+        counts = np.ones((c, c), dtype=np.int64)
+    counts = np.asarray(counts)
+    if counts.shape != (c, c):
+        raise ValueError(f"expected counts of shape {(c, c)}, got {counts.shape}")
+
+    ends = gmm_quantile(np.broadcast_to(np.array([eps, 1.0 - eps]), (c, c, 2)), pairs)  # (C, C, 2)
+    width = ends[..., 1] - ends[..., 0]
+    lo = ends[..., 0] - margin * width
+    hi = ends[..., 1] + margin * width
+    step = np.maximum((hi - lo) / (num_knots - 1), 1e-6)  # (C, C)
+    z = lo[..., None] + step[..., None] * np.arange(num_knots)  # (C, C, M)
+    q = np.clip(gmm_cdf(z, pairs), eps, 1.0 - eps)
+
+    xp, fp = tabulate_cdf(anchor_pos, anchor_knots)
+    xn, fn = tabulate_cdf(anchor_neg, anchor_knots)
+    diag = np.eye(c, dtype=bool)
+    mapped = np.empty_like(q)
+    mapped[diag] = np.interp(q[diag], fp, xp)
+    mapped[~diag] = np.interp(q[~diag], fn, xn)
+    delta = mapped - z
+    empty = counts <= 0
+    delta[empty] = 0.0
+    lo[empty] = 0.0
+    step[empty] = 1.0
+    return ShiftTables(lo.astype(np.float32), step.astype(np.float32), delta.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Flattened tables for index arithmetic, and the per-hypothesis bounds of the exact skip test."""
+
+    lo: np.ndarray  # (C*C,) float32
+    inv_step: np.ndarray  # (C*C,) float32
+    d0: np.ndarray  # (C*C*M,) float32, Δ at knot i
+    d1: np.ndarray  # (C*C*M,) float32, Δ(knot i+1) - Δ(knot i); 0 at the last knot
+    m: int
+    up: np.ndarray  # (C, 1) float32, U_c = max τΔ_cc - min_{l≠c} τΔ_cl
+    low: np.ndarray  # (C, 1) float32, V_c = min τΔ_cc - max_{l≠c} τΔ_cl
+
+
+def _prepare(tables: ShiftTables, tau: float) -> _Prepared:
+    c, _, m = tables.delta.shape
+    delta = tables.delta.astype(np.float32)
+    slope = np.zeros_like(delta)
+    slope[..., :-1] = np.diff(delta, axis=-1)
+    scaled = float(tau) * delta.astype(np.float64)
+    # The constant extension keeps Δ_cl inside [min over its knots, max over its knots] for every z, and
+    # linear interpolation stays between neighbouring knots, so these ranges hold for all inputs.
+    hi = scaled.max(axis=-1)  # (C, C)
+    lo = scaled.min(axis=-1)
+    off = ~np.eye(c, dtype=bool)
+    n_hi = np.where(off, hi, -np.inf).max(axis=1) if c > 1 else np.zeros(c)
+    n_lo = np.where(off, lo, np.inf).min(axis=1) if c > 1 else np.zeros(c)
+    d_hi, d_lo = np.diag(hi), np.diag(lo)
+    return _Prepared(
+        lo=tables.lo.reshape(-1).astype(np.float32),
+        inv_step=(1.0 / tables.step.astype(np.float64)).reshape(-1).astype(np.float32),
+        d0=delta.reshape(-1),
+        d1=slope.reshape(-1),
+        m=m,
+        up=(d_hi - n_lo).astype(np.float32)[:, None],
+        low=(d_lo - n_hi).astype(np.float32)[:, None],
+    )
+
+
+def _lookup(z: np.ndarray, pair: np.ndarray, prep: _Prepared) -> np.ndarray:
+    """Δ of pair index pair (= c*C + l) at logits z, same shapes (any), by index arithmetic on the grid."""
+    t = (z - prep.lo[pair]) * prep.inv_step[pair]
+    np.clip(t, 0.0, prep.m - 1, out=t)  # constant beyond the grid
+    i = t.astype(np.int32)  # floor, t >= 0
+    np.minimum(i, prep.m - 2, out=i)
+    t -= i
+    flat = pair * prep.m + i
+    return prep.d0[flat] + t * prep.d1[flat]
+
+
+def shift_values(z: np.ndarray, tables: ShiftTables) -> np.ndarray:
+    """z (C, P) logits -> Δ (C_hyp, C, P): Δ_cl(z_l) for every hypothesis c."""
+    c = tables.num_classes
+    z = np.asarray(z, dtype=np.float32)
+    if z.ndim != 2 or z.shape[0] != c:
+        raise ValueError(f"expected z of shape (C, P) with C={c}, got {z.shape}")
+    prep = _prepare(tables, 0.0)
+    pair = (np.arange(c)[:, None] * c + np.arange(c)[None, :])[:, :, None]  # (C, C, 1)
+    return _lookup(np.broadcast_to(z[None], (c, *z.shape)).copy(), pair, prep)
+
+
+def _hyp_scores(z: np.ndarray, hyp: np.ndarray, pix: np.ndarray, prep: _Prepared, tau: float) -> np.ndarray:
+    """log s_c for (hypothesis, pixel) couples. z (C, P); hyp, pix (Q,) -> (Q,) float32.
+
+    log s_c = z_c + τΔ_cc(z_c) - logsumexp_l(z_l + τΔ_cl(z_l)).
+    """
+    c = z.shape[0]
+    out = np.empty(hyp.shape[0], dtype=np.float32)
+    rows = max(1, _EVAL_BUDGET // c)
+    cls = np.arange(c, dtype=np.int64)[None, :]
+    for s in range(0, hyp.shape[0], rows):
+        h = hyp[s : s + rows, None]  # (q, 1)
+        zq = z[:, pix[s : s + rows]].T  # (q, C)
+        shifted = zq + np.float32(tau) * _lookup(zq.copy(), h * c + cls, prep)
+        top = shifted.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(shifted - top).sum(axis=1))
+        out[s : s + rows] = np.take_along_axis(shifted, h, axis=1)[:, 0] - lse
+    return out
+
+
+def _decide_by_scores(z: np.ndarray, cand: np.ndarray, prep: _Prepared, tau: float) -> np.ndarray:
+    """z (C, P), cand (C, P) bool hypotheses to evaluate -> (P,) argmax over the candidates.
+
+    Ties go to the lowest class index, as in np.argmax over all hypotheses.
+    """
+    hyp, pix = np.nonzero(cand)
+    scores = np.full(cand.shape, -np.inf, dtype=np.float32)
+    scores[hyp, pix] = _hyp_scores(z, hyp, pix, prep, tau)
+    return scores.argmax(axis=0)
+
+
+def _check_logits(logits: np.ndarray, c: int) -> np.ndarray:
+    logits = np.asarray(logits)
+    if logits.ndim not in (3, 4) or logits.shape[-3] != c:
+        raise ValueError(f"expected logits of shape (C, H, W) or (N, C, H, W) with C={c}, got {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise ValueError(f"expected floating-point logits, got dtype {logits.dtype}")
+    return logits
+
+
+def _chunked(logits: np.ndarray, chunk_pixels: int, decide: object) -> np.ndarray:
+    """Apply decide((C, P) float32) -> (P,) over pixel chunks of (C, H, W) / (N, C, H, W) logits."""
+    single = logits.ndim == 3
+    batch = logits[None] if single else logits
+    n, c, h, w = batch.shape
+    out = np.empty((n, h * w), dtype=np.int64)
+    chunk = max(1, int(chunk_pixels))
+    for i in range(n):
+        flat = batch[i].reshape(c, h * w)  # a view for contiguous inputs
+        for s in range(0, h * w, chunk):
+            z = np.ascontiguousarray(flat[:, s : s + chunk], dtype=np.float32)
+            out[i, s : s + chunk] = decide(z)  # type: ignore[operator]
+    out = out.reshape(n, h, w)
+    return out[0] if single else out
+
+
+def calibrated_decision(
+    logits: np.ndarray,
+    tables: ShiftTables,
+    tau: float = 0.2,
+    chunk_pixels: int = 16384,
+    use_bound: bool = True,
+) -> np.ndarray:
+    """Exact calibrated rule argmax_c softmax_l(z_l + τΔ_cl(z_l))[c].
+
+    (C, H, W) -> (H, W), (N, C, H, W) -> (N, H, W) int64. Pixels are processed in chunks, so extra memory
+    is bounded by the chunk size, not the image. With `use_bound` (the default) most pixels are decided
+    by the exact bound below and only the remaining (pixel, hypothesis) couples are evaluated; without it
+    every hypothesis of every pixel is evaluated (the reference for the fast path; same result).
+
+    Why the bound is exact. Write a_c = z_c + τΔ_cc(z_c) and b_cl = z_l + τΔ_cl(z_l). Then
+        log s_c = a_c - logsumexp(a_c, {b_cl}_{l≠c}) = -log(1 + exp(-g_c)),
+        g_c = a_c - logsumexp_{l≠c} b_cl,
+    so argmax_c s_c = argmax_c g_c (log s_c is increasing in g_c). Every table value of pair (c, l) lies in
+    [min, max] of its knots (linear interpolation between knots, constant beyond), so with
+    d_hi/d_lo the extremes of τΔ_cc and n_hi/n_lo those of τΔ_cl over l ≠ c,
+        z_c + d_lo - n_hi - R_c  <=  g_c  <=  z_c + d_hi - n_lo - R_c,    R_c = logsumexp_{l≠c} z_l
+    (shifting every term of a logsumexp by at most x moves it by at most x). Let t be the raw top class.
+    For c ≠ t, R_t <= R_c (the two sums differ only by z_c in R_t standing for z_t in R_c, and z_c <= z_t),
+    so g_c - g_t <= (z_c + U_c) - (z_t + V_t) with U_c = d_hi_c - n_lo_c and V_t = d_lo_t - n_hi_t:
+    hypothesis c ≠ t can only beat t if z_c + U_c >= z_t + V_t. The candidates are t and those c; a pixel
+    whose only candidate is t keeps t exactly, the others evaluate their candidates exactly. The bound
+    only decides which couples to evaluate, never a value, and a small float slack only adds candidates.
+    """
+    c = tables.num_classes
+    logits = _check_logits(logits, c)
+    prep = _prepare(tables, tau)
+
+    def full(z: np.ndarray) -> np.ndarray:
+        return _decide_by_scores(z, np.ones(z.shape, dtype=bool), prep, tau)
+
+    def bounded(z: np.ndarray) -> np.ndarray:
+        top = z.argmax(axis=0)  # (P,)
+        cols = np.arange(z.shape[1])
+        best = z[top, cols] + prep.low[top, 0]  # (P,) lower bound of g_t (up to the common R_t)
+        cand = (z + prep.up) >= (best - _BOUND_SLACK)  # (C, P)
+        cand[top, cols] = True
+        hard = np.flatnonzero(cand.sum(axis=0) > 1)
+        if hard.size:
+            top[hard] = _decide_by_scores(z[:, hard], cand[:, hard], prep, tau)
+        return top
+
+    return _chunked(logits, chunk_pixels, bounded if use_bound else full)
+
+
+def calibrated_decision_topk(
+    logits: np.ndarray, tables: ShiftTables, tau: float = 0.2, k: int = 2, chunk_pixels: int = 16384
+) -> np.ndarray:
+    """Approximate rule: only the k largest raw logits of each pixel are tried as hypotheses.
+
+    Each tried hypothesis is scored exactly (softmax over all C classes); equals the exact rule for k = C.
+    (C, H, W) -> (H, W), (N, C, H, W) -> (N, H, W) int64.
+    """
+    c = tables.num_classes
+    logits = _check_logits(logits, c)
+    if not 1 <= k <= c:
+        raise ValueError(f"expected k in [1, {c}], got {k}")
+    prep = _prepare(tables, tau)
+
+    def decide(z: np.ndarray) -> np.ndarray:
+        if k == 1:
+            return z.argmax(axis=0)
+        if k == c:
+            cand = np.ones(z.shape, dtype=bool)
+        else:
+            top = np.argpartition(-z, k - 1, axis=0)[:k]  # (k, P)
+            cand = np.zeros(z.shape, dtype=bool)
+            np.put_along_axis(cand, top, True, axis=0)
+        return _decide_by_scores(z, cand, prep, tau)
+
+    return _chunked(logits, chunk_pixels, decide)
+
+
+def raw_decision(logits: np.ndarray) -> np.ndarray:
+    """argmax over classes: (C, H, W) -> (H, W), (N, C, H, W) -> (N, H, W) int64."""
+    logits = np.asarray(logits)
+    if logits.ndim not in (3, 4):
+        raise ValueError(f"expected logits of shape (C, H, W) or (N, C, H, W), got {logits.shape}")
+    return logits.argmax(axis=-3)
