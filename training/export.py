@@ -1,0 +1,411 @@
+"""Export a trained network to a bundle: ONNX model (checked, parity-tested against torch), calibration
+tables and manifest, written with calibration.bundle.save_bundle into models/<name>/<version>/."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibration.bundle import (
+    SCHEMA_VERSION,
+    CalibrationSpec,
+    ClassInfo,
+    InputSpec,
+    Manifest,
+    OutputSpec,
+    Provenance,
+    save_bundle,
+)
+from calibration.distributions import fit_pair_gmms
+from calibration.tables import CalibrationTables, build_calibration_tables
+from training.data.classes import CLASSES
+from training.evaluate import LabelledSample, PixelSampler, Predictor, sample_logits
+from training.networks import IMAGE_MEAN, IMAGE_STD, OUTPUT_STRIDE, build_network
+
+OPSET = 17
+# Trace at a size and batch that no parity check uses, so the checks also prove the axes are dynamic.
+TRACE_SHAPE = (1, 3, 64, 96)
+PARITY_SIZES: tuple[tuple[int, int], ...] = ((96, 160), (128, 256))
+PARITY_BATCH = 2
+PARITY_TOLERANCE = 1e-3  # max |torch - onnxruntime| in logit units
+# Inputs the service resizes to; multiples of the networks' largest stride (32).
+DEFAULT_INPUT_SIZE = (256, 512)
+MULTIPLE_OF = 32
+
+
+class ExportError(Exception):
+    """The exported model is unusable (checker failure, parity above tolerance, bad checkpoint)."""
+
+
+class LogitsOnly(nn.Module):
+    """The served graph: image -> logits (the CDF head is a training signal, not a service output)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, C, h, w)
+        return self.model(image).logits
+
+
+def to_onnx(model: nn.Module, opset: int = OPSET) -> bytes:
+    """ONNX bytes with input "image" (N, 3, H, W) and output "logits" (N, C, h, w), N, H, W dynamic."""
+    wrapped = LogitsOnly(model).eval()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # dynamo=False: the TorchScript exporter honours dynamic_axes through the interpolations (the
+        # parity checks at other sizes and batch verify it); silence its deprecation warning.
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            wrapped,
+            (torch.zeros(TRACE_SHAPE),),
+            path,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={
+                "image": {0: "batch", 2: "height", 3: "width"},
+                "logits": {0: "batch", 2: "h", 3: "w"},
+            },
+            opset_version=opset,
+            dynamo=False,
+        )
+        return path.read_bytes()
+
+
+def check_onnx(model_bytes: bytes) -> None:
+    import onnx
+
+    try:
+        proto = onnx.load_from_string(model_bytes)
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # the checker raises several unrelated types
+        raise ExportError(f"model.onnx: expected a valid ONNX model, got: {exc}") from exc
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if inputs != ["image"] or outputs != ["logits"]:
+        raise ExportError(
+            f"model.onnx: expected input ['image'] and output ['logits'], got {inputs} and {outputs}"
+        )
+
+
+def parity_errors(
+    model: nn.Module,
+    model_bytes: bytes,
+    sizes: Sequence[tuple[int, int]] = PARITY_SIZES,
+    batch: int = PARITY_BATCH,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Max |torch - onnxruntime| of the logits on random inputs, per "NxHxW"."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    wrapped = LogitsOnly(model).eval()
+    gen = torch.Generator().manual_seed(seed)
+    errors = {}
+    for height, width in sizes:
+        x = torch.randn((batch, 3, height, width), generator=gen)
+        with torch.no_grad():
+            expected = wrapped(x).numpy()
+        (got,) = session.run(["logits"], {"image": x.numpy()})
+        if got.shape != expected.shape:
+            raise ExportError(f"model.onnx: expected logits of shape {expected.shape}, got {got.shape}")
+        errors[f"{batch}x{height}x{width}"] = float(np.max(np.abs(got - expected)))
+    return errors
+
+
+def export_checked(model: nn.Module, tolerance: float = PARITY_TOLERANCE) -> tuple[bytes, dict[str, float]]:
+    """Export, run the ONNX checker and the parity test; raise ExportError above `tolerance`."""
+    model_bytes = to_onnx(model)
+    check_onnx(model_bytes)
+    errors = parity_errors(model, model_bytes)
+    worst = max(errors.values())
+    if not worst <= tolerance:
+        raise ExportError(f"model.onnx: expected torch/onnxruntime parity within {tolerance}, got {errors}")
+    return model_bytes, errors
+
+
+def fit_tables_offline(
+    predictor: Predictor,
+    source: Iterable[LabelledSample],
+    target: Iterable[LabelledSample] | None,
+    num_classes: int,
+    pixels_per_image: int = 4096,
+    components: int = 5,
+    seed: int = 0,
+) -> CalibrationTables:
+    """Calibration tables from the model's logits: source pairs with ground truth, target pairs with the
+    model's own argmax as pseudo-labels (ground truth of the target is never used here)."""
+    src = PixelSampler(pixels_per_image, seed)
+    if sample_logits(predictor, source, src) == 0:
+        raise ExportError("source data: expected labelled images to fit calibration tables, got none")
+    source_pairs, source_counts = fit_pair_gmms(*src.arrays(), num_classes, k=components, seed=seed)
+    if target is None:
+        return build_calibration_tables(source_pairs, source_counts)
+    tgt = PixelSampler(pixels_per_image, seed + 1)
+    if sample_logits(predictor, target, tgt, pseudo_labels=True) == 0:
+        return build_calibration_tables(source_pairs, source_counts)
+    target_pairs, target_counts = fit_pair_gmms(*tgt.arrays(), num_classes, k=components, seed=seed)
+    return build_calibration_tables(source_pairs, source_counts, target_pairs, target_counts)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    name: str
+    version: str
+    network: str
+    trained: bool
+    description: str = ""
+    input_size: tuple[int, int] | None = DEFAULT_INPUT_SIZE
+    tau: float = 0.2
+    source_domain: str = ""
+    target_domain: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def build_manifest(spec: ExportSpec, num_classes: int, tables: CalibrationTables | None) -> Manifest:
+    if num_classes != len(CLASSES):
+        raise ExportError(f"num_classes: expected {len(CLASSES)} (the Cityscapes classes), got {num_classes}")
+    calibration = None
+    if tables is not None:
+        calibration = CalibrationSpec(
+            enabled_default=spec.trained,
+            tau_default=spec.tau,
+            eps=tables.eps,
+            num_knots=int(tables.shifts.delta.shape[-1]),
+            source_domain=spec.source_domain,
+            target_domain=spec.target_domain,
+        )
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        name=spec.name,
+        version=spec.version,
+        description=spec.description,
+        classes=[ClassInfo(id=c.train_id, name=c.name, color=c.color) for c in CLASSES],
+        input=InputSpec(
+            mean=IMAGE_MEAN, std=IMAGE_STD, pixel_scale=255.0, size=spec.input_size, multiple_of=MULTIPLE_OF
+        ),
+        output=OutputSpec(num_classes=num_classes, stride=OUTPUT_STRIDE),
+        calibration=calibration,
+        provenance=Provenance(
+            trained=spec.trained,
+            network=spec.network,
+            config=spec.config,
+            data=spec.data,
+            metrics=spec.metrics,
+        ),
+    )
+
+
+def export_bundle(
+    model: nn.Module,
+    spec: ExportSpec,
+    models_dir: str | Path,
+    tables: CalibrationTables | None,
+    tolerance: float = PARITY_TOLERANCE,
+) -> tuple[Path, dict[str, float]]:
+    """Check, then write the bundle; returns its directory and the parity errors (also in the manifest)."""
+    num_classes = int(getattr(model, "num_classes", len(CLASSES)))
+    model_bytes, errors = export_checked(model, tolerance)
+    metrics = {**spec.metrics, "onnx_parity_max_abs": errors}
+    manifest = build_manifest(
+        ExportSpec(**{**spec.__dict__, "metrics": metrics}),
+        num_classes,
+        tables,
+    )
+    return save_bundle(models_dir, model_bytes, tables, manifest), errors
+
+
+def untrained_model(network: str, num_classes: int = 19, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_network(network, num_classes).eval()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network ready for export or evaluation, with what its checkpoint says about it."""
+
+    model: nn.Module
+    network: str
+    trained: bool
+    config: dict[str, Any] = field(default_factory=dict)
+    tables: CalibrationTables | None = None  # from the checkpoint's GMM state, when it has one
+    metrics: dict[str, Any] = field(default_factory=dict)
+    iteration: int | None = None
+
+
+def load_model(checkpoint: str | Path, network: str | None = None, teacher: bool = False) -> LoadedModel:
+    """A training checkpoint (a dict with "model" and, from the training loop, "network"/"config", GMM
+    states and metrics) or a plain state-dict file (then `network` names the architecture). `teacher`
+    takes the EMA teacher's weights of a self-training checkpoint instead of the student's."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: expected a checkpoint file, got no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file that is not a checkpoint
+        raise ExportError(f"{path}: expected a torch checkpoint, got an unreadable file ({exc})") from exc
+    if not isinstance(state, dict):
+        raise ExportError(
+            f"{path}: expected a dict (a checkpoint or a state dict), got {type(state).__name__}"
+        )
+    if "format" in state and "model" in state:
+        return _from_training_checkpoint(path, network, teacher)
+    if network is None:
+        raise ExportError(f"{path}: a plain state dict does not name its network: expected --network NAME")
+    model = build_network(network)
+    _load_state(model, state, path)
+    return LoadedModel(model.eval(), network, trained=True)
+
+
+def _load_state(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ExportError(
+            f"{path}: expected weights matching the network, got: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def _from_training_checkpoint(path: Path, network: str | None, teacher: bool) -> LoadedModel:
+    from training.checkpoint import calibration_gmms, load_checkpoint
+    from training.config import to_dict
+
+    ckpt = load_checkpoint(path)
+    name = network or ckpt.config.model.network
+    model = build_network(name, ckpt.config.model.num_classes)
+    weights = ckpt.model
+    if teacher:
+        if ckpt.teacher is None:
+            raise ExportError(f"{path}: teacher: expected EMA teacher weights in the checkpoint, got none")
+        weights = ckpt.teacher
+    _load_state(model, weights, path)
+    tables = None
+    if ckpt.gmm_source is not None and int(ckpt.gmm_source.updates.sum()) > 0:
+        tables = build_calibration_tables(*calibration_gmms(ckpt))
+    return LoadedModel(
+        model.eval(),
+        name,
+        trained=True,
+        config=to_dict(ckpt.config),
+        tables=tables,
+        metrics=dict(ckpt.metrics),
+        iteration=ckpt.iteration,
+    )
+
+
+def run_export(
+    *,
+    out: Path,
+    name: str,
+    version: str,
+    checkpoint: Path | None = None,
+    network: str | None = None,
+    untrained: bool = False,
+    teacher: bool = False,
+    data: Path | None = None,
+    limit: int = 200,
+    input_size: tuple[int, int] | None = DEFAULT_INPUT_SIZE,
+    tau: float = 0.2,
+    tolerance: float = PARITY_TOLERANCE,
+    metrics_file: Path | None = None,
+    description: str = "",
+    seed: int = 0,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """`blda export`: returns a summary (bundle path, parity errors, sizes, where the tables came from)."""
+    import json
+
+    from training.evaluate import TorchPredictor, load_split
+
+    torch.set_num_threads(threads)
+    if untrained:
+        if checkpoint is not None:
+            raise ExportError("expected either --untrained or --checkpoint, got both")
+        if network is None:
+            raise ExportError("--untrained: expected --network NAME")
+        loaded = LoadedModel(
+            untrained_model(network, seed=seed), network, trained=False, config={"seed": seed}
+        )
+    else:
+        if checkpoint is None:
+            raise ExportError("expected --checkpoint CKPT (or --untrained --network NAME)")
+        loaded = load_model(checkpoint, network, teacher)
+    num_classes = int(getattr(loaded.model, "num_classes", len(CLASSES)))
+    tables, tables_from = loaded.tables, "checkpoint GMM state"
+    data_desc: dict[str, Any] = {}
+    if tables is None and data is not None:
+        predictor = TorchPredictor(loaded.model)
+        source = load_split(data, "source", "train", limit)
+        target = load_split(data, "target", "train", limit, labels=False)
+        tables = fit_tables_offline(predictor, source, target, num_classes, seed=seed)
+        tables_from = f"fitted offline on {data} (source train with labels, target train with pseudo-labels)"
+    elif tables is None:
+        tables_from = "none"
+    if data is not None:
+        data_desc["root"] = str(data)
+    if isinstance(loaded.config.get("data"), dict):
+        data_desc["config"] = loaded.config["data"]
+    metrics = dict(loaded.metrics)
+    if metrics_file is not None:
+        if not metrics_file.is_file():
+            raise FileNotFoundError(
+                f"{metrics_file}: expected a metrics.json from `blda evaluate`, got no such file"
+            )
+        metrics["evaluation"] = json.loads(metrics_file.read_text(encoding="utf-8"))
+    config = dict(loaded.config)
+    if checkpoint is not None:
+        config["checkpoint"] = str(checkpoint)
+    if loaded.iteration is not None:
+        config["iteration"] = loaded.iteration
+    config["weights"] = "teacher" if teacher else ("random init" if untrained else "student")
+    spec = ExportSpec(
+        name=name,
+        version=version,
+        network=loaded.network,
+        trained=loaded.trained,
+        description=description or ("UNTRAINED: random weights, for wiring tests only" if untrained else ""),
+        input_size=input_size,
+        tau=tau,
+        source_domain="source (GTA5 layout)" if tables is not None else "",
+        target_domain="target (Cityscapes layout)" if tables is not None else "",
+        config=_jsonable(config),
+        data=_jsonable(data_desc),
+        metrics=_jsonable(metrics),
+    )
+    bundle, errors = export_bundle(loaded.model, spec, out, tables, tolerance)
+    return {
+        "bundle": str(bundle),
+        "network": loaded.network,
+        "trained": loaded.trained,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "onnx_mb": round((bundle / "model.onnx").stat().st_size / 1e6, 3),
+        "parity_max_abs": errors,
+        "calibration_tables": tables_from,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    """Dicts from checkpoints may hold tensors, arrays, paths or tuples: make them JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None  # JSON has no NaN
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
