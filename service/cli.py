@@ -1,7 +1,93 @@
-"""Sub-commands of `blda` (see blda/cli.py). Heavy imports go inside the commands."""
+"""``blda serve``: the segmentation service under uvicorn. Heavy imports go inside the command.
+
+Options become ``BLDA_*`` environment variables before uvicorn starts, so that every worker process
+builds the same settings through :func:`service.app.app_from_environment`. With several workers,
+Prometheus needs a shared directory for its multiprocess mode: unless ``PROMETHEUS_MULTIPROC_DIR`` is
+set, a fresh one is created for this run (and removed afterwards).
+"""
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def prepare_multiprocess_dir(workers: int, environ: dict[str, str] | os._Environ[str]) -> Path | None:
+    """For workers > 1 without PROMETHEUS_MULTIPROC_DIR: create an empty one, set it; return it to remove."""
+    if workers <= 1 or environ.get(MULTIPROC_ENV):
+        return None
+    path = Path(tempfile.mkdtemp(prefix="blda-prometheus-"))
+    environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(help="Directory of bundles <name>/<version>/ [default: settings, else ./models]"),
+    ] = None,
+    settings_file: Annotated[
+        Path | None, typer.Option(help="TOML or JSON settings (BLDA_* environment variables override it).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+) -> None:
+    """Serve segmentation over HTTP (OpenAPI at /docs, demo page at /)."""
+    from pydantic import ValidationError
+
+    from service.settings import SETTINGS_FILE_ENV, SettingsFileError, load_settings
+
+    if settings_file is not None:
+        if not settings_file.is_file():
+            raise _fail(f"--settings-file: expected an existing file, got {settings_file}")
+        os.environ[SETTINGS_FILE_ENV] = str(settings_file.resolve())
+    if models_dir is not None:
+        os.environ["BLDA_MODELS_DIR"] = str(models_dir.resolve())
+    os.environ["BLDA_WORKERS"] = str(workers)
+    try:
+        settings = load_settings()
+    except SettingsFileError as exc:
+        raise _fail(str(exc)) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise _fail(f"setting {field}: {first['msg']}, got {first.get('input')!r}") from None
+    if not settings.models_dir.is_dir():
+        raise _fail(
+            f"--models-dir: expected a directory of bundles, got {settings.models_dir} (not a directory)"
+        )
+
+    import uvicorn
+
+    multiproc_dir = prepare_multiprocess_dir(workers, os.environ)
+    try:
+        uvicorn.run(
+            "service.app:app_from_environment",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            access_log=access_log,
+        )
+    finally:
+        if multiproc_dir is not None:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)

@@ -1,0 +1,72 @@
+"""The FastAPI application: :func:`create_app` wires routers, handlers and the lifespan; nothing else.
+
+Bundles load in the lifespan, never at import. Other parts of the service hook in through ``app.state``:
+``segmentation_observers`` (a list of callables receiving a :class:`service.records.SegmentationRecord`
+per served request; append before startup) and ``registry`` / ``runner`` / ``settings`` once started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+from fastapi import FastAPI
+
+from service.inference import InferenceRunner, load_served_model
+from service.problems import install_problem_handlers
+from service.records import SegmentationObserver
+from service.registry import ModelRegistry
+from service.request_id import RequestIdMiddleware
+from service.routes import admin, health, models, segment, web
+from service.settings import ServiceSettings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: ServiceSettings = app.state.settings
+    runner = InferenceRunner(settings)
+    loader = partial(load_served_model, threads=settings.onnx_threads(), provider=settings.execution_provider)
+    registry = ModelRegistry(settings.models_dir, loader, settings.pinned_versions, settings.default_model)
+    await asyncio.get_running_loop().run_in_executor(runner.cpu_pool, registry.load_all)
+    if not registry.ready:
+        log.error(
+            "no model serves yet (models_dir=%s): /readyz answers 503 until a reload", settings.models_dir
+        )
+    app.state.runner = runner
+    app.state.registry = registry
+    try:
+        yield
+    finally:
+        app.state.registry = None
+        app.state.runner = None
+        runner.shutdown()
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    settings = settings if settings is not None else load_settings()
+    app = FastAPI(
+        title="BLDA segmentation service",
+        summary="Semantic segmentation with BLDA's logit-distribution calibration, toggled per request.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = None
+    app.state.runner = None
+    observers: list[SegmentationObserver] = []
+    app.state.segmentation_observers = observers
+    install_problem_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    for module in (segment, models, admin, health, web):
+        app.include_router(module.router)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (and so for several workers): settings from the environment."""
+    return create_app(load_settings())

@@ -1,0 +1,292 @@
+"""``POST /v1/models/{name}/segment`` and ``POST /v1/segment`` (the default model).
+
+Stages: decode (bytes -> model input), infer (onnxruntime), calibrate (the decision at the logit
+resolution: argmax, or the core's calibrated rule), encode (resize the decision to the image, PNG or
+JSON). Each runs off the event loop; their wall times go to ``Server-Timing``.
+
+JSON masks are run-length encoded over the row-major flattened mask (see :class:`RleMask`)::
+
+    mask = np.repeat(values, lengths).reshape(height, width)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from service.dependencies import ObserversDep, RegistryDep, RunnerDep, SettingsDep, problem_from
+from service.imaging import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    class_counts,
+    decode_image,
+    encode_png_mask,
+    preprocess,
+    resize_nearest,
+    run_length_encode,
+)
+from service.inference import Decision, ServedModel, calibrated, raw_decision
+from service.problems import PROBLEM_MEDIA_TYPE, Problem
+from service.records import SegmentationObserver, SegmentationRecord, StageTimings
+from service.registry import RegistryError
+from service.uploads import ACCEPTED_MEDIA_TYPES, FILE_FIELD, MULTIPART, read_image_upload
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["segmentation"])
+
+# The largest tau accepted from a client (the paper serves with 0.2; past 1 the shift dominates the logits).
+TAU_MAX = 1.0
+
+
+class RleMask(BaseModel):
+    encoding: Literal["rle-row-major"] = "rle-row-major"
+    size: tuple[int, int] = Field(description="(height, width) of the mask: the input image's size")
+    values: list[int] = Field(description="class id of each run")
+    lengths: list[int] = Field(description="pixels in each run; they sum to height * width")
+
+
+class SegmentationJson(BaseModel):
+    request_id: str
+    model: str
+    version: str
+    calibrated: bool
+    tau: float | None = Field(description="tau used when calibrated, else null")
+    classes: list[str] = Field(description="class names by id")
+    class_counts: dict[str, int] = Field(description="pixels per class name in the mask")
+    mask: RleMask
+
+
+_IMAGE_SCHEMA = {"type": "string", "format": "binary"}
+_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            MULTIPART: {
+                "schema": {
+                    "type": "object",
+                    "properties": {FILE_FIELD: _IMAGE_SCHEMA},
+                    "required": [FILE_FIELD],
+                }
+            },
+            **{kind: {"schema": _IMAGE_SCHEMA} for kind in ("image/png", "image/jpeg", "image/webp")},
+        },
+    }
+}
+_PROBLEM: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The mask at the input's size: a palette PNG (pixel value = class id), or JSON.",
+        "content": {"image/png": {}, "application/json": {"schema": SegmentationJson.model_json_schema()}},
+        "headers": {
+            "X-Request-Id": {"schema": {"type": "string"}},
+            "X-Model-Version": {"schema": {"type": "string"}},
+            "X-Calibrated": {"schema": {"type": "string", "enum": ["true", "false"]}},
+            "Server-Timing": {
+                "schema": {"type": "string"},
+                "description": "decode, infer, calibrate, encode (ms)",
+            },
+        },
+    },
+    404: {"description": "Unknown model", **_PROBLEM},
+    413: {"description": "Body over the byte limit", **_PROBLEM},
+    415: {"description": "Unsupported media type", **_PROBLEM},
+    422: {"description": "Undecodable or oversized image, or a bad query value", **_PROBLEM},
+    503: {"description": "No model loaded", **_PROBLEM},
+}
+
+CalibrateQuery = Annotated[
+    bool | None, Query(description="apply the BLDA calibrated decision; default from the model's manifest")
+]
+TauQuery = Annotated[
+    float | None, Query(ge=0.0, le=TAU_MAX, description="calibration strength; default from the manifest")
+]
+FormatQuery = Annotated[
+    Literal["png", "json"], Query(description="png: palette mask; json: class counts + RLE")
+]
+
+
+def _decode(data: bytes, model: ServedModel, max_pixels: int) -> tuple[tuple[int, int], np.ndarray]:
+    rgb = decode_image(data, max_pixels)  # (H, W, 3) uint8
+    height, width = rgb.shape[:2]
+    return (height, width), preprocess(rgb, model.input_size(height, width), model.norm)
+
+
+def _decide(logits: np.ndarray, model: ServedModel, calibrate: bool, tau: float, chunk: int) -> Decision:
+    raw, winning = raw_decision(logits)
+    return Decision(raw, calibrated(logits, model, tau, chunk) if calibrate else None, winning)
+
+
+def _encode_png(mask: np.ndarray, size: tuple[int, int], palette: bytes, level: int) -> bytes:
+    return encode_png_mask(resize_nearest(mask, *size), palette, level)
+
+
+def _encode_json(
+    mask: np.ndarray, size: tuple[int, int], head: dict[str, Any], classes: Sequence[str]
+) -> bytes:
+    full = resize_nearest(mask, *size)
+    values, lengths = run_length_encode(full)
+    counts = class_counts(full, len(classes))
+    body = {
+        **head,
+        "classes": list(classes),
+        "class_counts": {name: int(n) for name, n in zip(classes, counts, strict=True)},
+        "mask": {
+            "encoding": "rle-row-major",
+            "size": list(size),
+            "values": values.tolist(),
+            "lengths": lengths.tolist(),
+        },
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _notify(observers: Sequence[SegmentationObserver], record: SegmentationRecord) -> None:
+    for observer in observers:
+        try:
+            observer(record)
+        except Exception:  # an observer must never fail or slow down serving
+            log.exception("segmentation observer %r failed (request id %s)", observer, record.request_id)
+
+
+async def _segment(
+    request: Request,
+    name: str | None,
+    calibrate: bool | None,
+    tau: float | None,
+    output: str,
+    registry: RegistryDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    observers: ObserversDep,
+) -> Response:
+    try:
+        model = registry.serving(name)
+    except RegistryError as exc:
+        raise problem_from(exc) from exc
+    if calibrate and not model.has_calibration:
+        raise Problem("calibration-unavailable", f"{model.name}/{model.version} has no calibration tables")
+    use_calibration = model.calibrate_default if calibrate is None else calibrate
+    tau_used = model.tau_default if tau is None else tau
+    request_id: str = request.state.request_id
+
+    started = time.perf_counter()
+    data = await read_image_upload(request, settings.max_body_bytes)
+    try:
+        size, image = await runner.in_thread(_decode, data, model, settings.max_image_pixels)
+    except ImageTooLargeError as exc:
+        raise Problem("image-too-large", str(exc)) from exc
+    except ImageDecodeError as exc:
+        raise Problem("invalid-image", str(exc)) from exc
+    decoded = time.perf_counter()
+    logits = (await runner.infer(model, image))[0]  # (C, h, w)
+    logits.setflags(write=False)
+    inferred = time.perf_counter()
+    decision = await runner.in_thread(
+        _decide, logits, model, use_calibration, tau_used, settings.calibration_chunk_pixels
+    )
+    decided = time.perf_counter()
+    if output == "json":
+        head = {
+            "request_id": request_id,
+            "model": model.name,
+            "version": model.version,
+            "calibrated": use_calibration,
+            "tau": tau_used if use_calibration else None,
+        }
+        body = await runner.in_thread(
+            _encode_json, decision.served, size, head, model.bundle.manifest.class_names
+        )
+        media = "application/json"
+    else:
+        body = await runner.in_thread(
+            _encode_png, decision.served, size, model.palette, settings.png_compress_level
+        )
+        media = "image/png"
+    encoded = time.perf_counter()
+
+    timings = StageTimings(decoded - started, inferred - decoded, decided - inferred, encoded - decided)
+    headers = {
+        "X-Model-Name": model.name,
+        "X-Model-Version": model.version,
+        "X-Calibrated": "true" if use_calibration else "false",
+        "Server-Timing": timings.server_timing(),
+    }
+    if use_calibration:
+        headers["X-Calibration-Tau"] = f"{tau_used:g}"
+    if observers:
+        record = SegmentationRecord(
+            request_id=request_id,
+            model_name=model.name,
+            model_version=model.version,
+            raw_decision=decision.raw,
+            calibrated_decision=decision.calibrated,
+            winning_logits=decision.winning_logits,
+            logits=logits,
+            tables=model.bundle.tables,
+            input_size=size,
+            calibrate=use_calibration,
+            tau=tau_used,
+            timings=timings,
+        )
+        # Fire and forget on the worker pool: observers never delay this response or the next one.
+        runner.cpu_pool.submit(_notify, tuple(observers), record)
+    return Response(content=body, media_type=media, headers=headers)
+
+
+_DOC = (
+    "Segment an image. Body: `multipart/form-data` with a `file` part, or a raw `image/png`, `image/jpeg` or "
+    "`image/webp`. Returns a palette PNG mask at the image's size (pixel value = class id), or with "
+    "`format=json` the class counts and a run-length encoded mask (`np.repeat(values, lengths)` row-major). "
+    f"Accepted Content-Types: {', '.join(ACCEPTED_MEDIA_TYPES)}."
+)
+
+
+@router.post(
+    "/v1/models/{name}/segment",
+    summary="Segment an image with a named model",
+    description=_DOC,
+    openapi_extra=_REQUEST_BODY,
+    responses=_RESPONSES,
+    response_class=Response,
+)
+async def segment_with_model(
+    request: Request,
+    name: str,
+    registry: RegistryDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    observers: ObserversDep,
+    calibrate: CalibrateQuery = None,
+    tau: TauQuery = None,
+    format: FormatQuery = "png",
+) -> Response:
+    return await _segment(request, name, calibrate, tau, format, registry, runner, settings, observers)
+
+
+@router.post(
+    "/v1/segment",
+    summary="Segment an image with the default model",
+    description=_DOC,
+    openapi_extra=_REQUEST_BODY,
+    responses=_RESPONSES,
+    response_class=Response,
+)
+async def segment_with_default(
+    request: Request,
+    registry: RegistryDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    observers: ObserversDep,
+    calibrate: CalibrateQuery = None,
+    tau: TauQuery = None,
+    format: FormatQuery = "png",
+) -> Response:
+    return await _segment(request, None, calibrate, tau, format, registry, runner, settings, observers)

@@ -1,0 +1,121 @@
+"""Service configuration: typed, validated, from ``BLDA_*`` environment variables and an optional file.
+
+Precedence (highest first): keyword arguments, environment variables, the settings file, defaults. The
+file is TOML or JSON (by suffix) with the same field names, e.g.::
+
+    models_dir = "/srv/models"
+    default_model = "segformer-b0"
+    pinned_versions = { "segformer-b0" = "3" }
+
+``BLDA_SETTINGS_FILE`` names the file when :func:`load_settings` is not given one. Secrets (the admin
+key) have no default: without a key the admin endpoints are disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SETTINGS_FILE_ENV = "BLDA_SETTINGS_FILE"
+
+
+class SettingsFileError(ValueError):
+    """A settings file that cannot be read, naming the file."""
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BLDA_", extra="forbid", validate_default=True)
+
+    # Bundles live in models_dir/<name>/<version>/.
+    models_dir: Path = Path("models")
+    # The model behind POST /v1/segment; None: the only model, or the first by name.
+    default_model: str | None = None
+    # name -> version served instead of the highest version.
+    pinned_versions: dict[str, str] = Field(default_factory=dict)
+    # Unset disables POST /v1/models/{name}/reload and .../activate.
+    admin_api_key: SecretStr | None = None
+
+    # Limits on client input: bytes of the request body, pixels of the decoded image (checked from the
+    # header, before decoding).
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+
+    # Processes uvicorn runs; onnxruntime threads default to cores // workers so workers do not fight.
+    workers: int = Field(default=1, ge=1)
+    intra_op_threads: int | None = Field(default=None, ge=1)
+    # "auto" uses CUDA when a session really runs on it, "cpu" never tries.
+    execution_provider: Literal["auto", "cpu"] = "auto"
+    # Requests whose inference may run at once; more queue (decode and encode still overlap).
+    max_concurrent_inferences: int = Field(default=1, ge=1)
+    # Threads for decoding, calibration and encoding.
+    cpu_threads: int | None = Field(default=None, ge=1)
+
+    # Micro-batching of concurrent requests: off when batch_max_size is 1. A batch runs when it is full or
+    # when its first request has waited batch_max_wait_ms. It only helps when the accelerator has spare
+    # width (a GPU); on CPU a batch costs about as much as its requests run one by one (see bench/service.py).
+    batch_max_size: int = Field(default=1, ge=1, le=64)
+    batch_max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+
+    # zlib level of the PNG masks: palette masks compress well even at 1, and 1 is several times faster
+    # than the default 6.
+    png_compress_level: int = Field(default=1, ge=0, le=9)
+    # Pixels the core's calibrated decision processes at once (bounds its working memory).
+    calibration_chunk_pixels: int = Field(default=65536, ge=1024)
+
+    @model_validator(mode="after")
+    def _pinned_names(self) -> ServiceSettings:
+        for name, version in self.pinned_versions.items():
+            if not name or not version:
+                raise ValueError(f"expected pinned_versions as {{name: version}}, got {name!r}: {version!r}")
+        return self
+
+    def onnx_threads(self) -> int:
+        return self.intra_op_threads or max(1, available_cores() // self.workers)
+
+    def thread_pool_size(self) -> int:
+        return self.cpu_threads or max(2, available_cores() // self.workers)
+
+
+def read_settings_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsFileError(f"{path}: expected a readable settings file, got {exc.strerror}") from exc
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        elif path.suffix == ".toml":
+            values = tomllib.loads(text)
+        else:
+            raise SettingsFileError(f"{path}: expected a .toml or .json settings file, got {path.suffix!r}")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsFileError(f"{path}: expected valid {path.suffix[1:].upper()}, got: {exc}") from exc
+    if not isinstance(values, dict):
+        raise SettingsFileError(f"{path}: expected a table of settings, got {type(values).__name__}")
+    return values
+
+
+def load_settings(settings_file: str | Path | None = None, **overrides: Any) -> ServiceSettings:
+    """Settings from the file (or ``$BLDA_SETTINGS_FILE``), then the environment, then overrides (highest)."""
+    settings_file = settings_file or os.environ.get(SETTINGS_FILE_ENV) or None
+    if settings_file is None:
+        return ServiceSettings(**overrides)
+    from_file = read_settings_file(settings_file)
+    # Fields the environment sets win over the file: read them on their own first.
+    from_env = ServiceSettings(**overrides)
+    explicit = {name: getattr(from_env, name) for name in from_env.model_fields_set}
+    return ServiceSettings(**{**from_file, **explicit})
