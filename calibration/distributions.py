@@ -143,9 +143,11 @@ def _em_weighted(
     sd = np.maximum(np.full((b, k), 1.0 / np.sqrt(k)), floor)
     yv = (y * y + v)[:, :, None]  # (B, G, 1): second moments of the points
     prev = np.full(b, -np.inf)
-    active = np.arange(b)
-    ya, wta, yva, fa, na = y, wt, yv, floor, n
+    active = np.flatnonzero(wt.sum(axis=1) > 0)  # rows without samples keep their initial values
+    ya, wta, yva, fa, na = y[active], wt[active], yv[active], floor[active], n[active]
     for _ in range(iters):
+        if active.size == 0:
+            break
         wa, mua, sda = w[active], mu[active], sd[active]
         with np.errstate(divide="ignore"):
             log_c = np.log(wa) - np.log(sda)  # (A, K)
@@ -170,8 +172,6 @@ def _em_weighted(
         prev[active] = mean_ll
         if not going.all():
             active = active[going]
-            if active.size == 0:
-                break
             ya, wta, yva, fa, na = ya[going], wta[going], yva[going], fa[going], na[going]
     return w, mu, sd
 
