@@ -20,8 +20,9 @@ from service.problems import install_problem_handlers
 from service.records import SegmentationObserver
 from service.registry import ModelRegistry
 from service.request_id import RequestIdMiddleware
-from service.routes import admin, health, models, segment, web
+from service.routes import admin, bias, feedback, health, metrics, models, segment, web
 from service.settings import ServiceSettings, load_settings
+from service.telemetry import HttpMetricsMiddleware, start_monitoring, stop_monitoring
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
     app.state.runner = runner
     app.state.registry = registry
+    start_monitoring(app, registry)
     try:
         yield
     finally:
+        stop_monitoring(app)
         app.state.registry = None
         app.state.runner = None
         runner.shutdown()
@@ -62,7 +65,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.segmentation_observers = observers
     install_problem_handlers(app)
     app.add_middleware(RequestIdMiddleware)
-    for module in (segment, models, admin, health, web):
+    app.add_middleware(HttpMetricsMiddleware)
+    for module in (segment, models, admin, health, web, feedback, bias, metrics):
         app.include_router(module.router)
     return app
 
