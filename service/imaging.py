@@ -112,8 +112,12 @@ def preprocess(rgb: np.ndarray, size: tuple[int, int], norm: Normalisation) -> n
 
 
 def nearest_indices(src: int, dst: int) -> np.ndarray:
-    """Source index of each of ``dst`` output cells under pixel-centre nearest sampling."""
-    return np.minimum(((np.arange(dst) + 0.5) * (src / dst)).astype(np.intp), src - 1)
+    """Source index of each of ``dst`` output cells: the source cell holding the output cell's centre.
+
+    Integer arithmetic, floor((i + 1/2) * src / dst), so that no centre falls on the wrong side of a
+    boundary through rounding.
+    """
+    return (2 * np.arange(dst, dtype=np.int64) + 1) * src // (2 * dst)
 
 
 def resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:

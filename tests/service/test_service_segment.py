@@ -1,0 +1,300 @@
+"""POST /v1/segment and /v1/models/{name}/segment through the HTTP stack (TestClient)."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from service_helpers import ADMIN_KEY, NUM_CLASSES, encode, png_bytes, png_header_only, scene, settings_for
+
+from calibration.alignment import calibrated_decision
+from calibration.bundle import load_bundle
+from service.app import create_app
+from service.records import SegmentationRecord
+
+PNG = {"content-type": "image/png"}
+
+
+def mask_of(response: object) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(response.content)))  # type: ignore[attr-defined]
+
+
+def reference_mask(bundle_dir: Path, rgb: np.ndarray, calibrate: bool, tau: float) -> np.ndarray:
+    """The service's answer computed independently: onnxruntime, the core's rule, a slow-loop resize."""
+    bundle = load_bundle(bundle_dir)
+    spec = bundle.manifest.input
+    height, width = rgb.shape[:2]
+    size = (
+        max(8, round(height / 8) * 8),
+        max(8, round(width / 8) * 8),
+    )  # multiple_of = 8 in the test manifests
+    resized = np.asarray(Image.fromarray(rgb).resize(size[::-1], Image.Resampling.BILINEAR), dtype=np.float64)
+    x = ((resized / spec.pixel_scale - np.array(spec.mean)) / np.array(spec.std)).transpose(2, 0, 1)[None]
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"image": x.astype(np.float32)})
+    assert bundle.tables is not None
+    small = (
+        calibrated_decision(logits[0], bundle.tables.shifts, tau=tau) if calibrate else logits[0].argmax(0)
+    )
+    h, w = small.shape
+    out = np.empty((height, width), dtype=np.uint8)
+    for i in range(height):
+        for j in range(width):
+            out[i, j] = small[(2 * i + 1) * h // (2 * height), (2 * j + 1) * w // (2 * width)]
+    return out
+
+
+@pytest.mark.parametrize("tau", [0.2, 1.0])
+def test_calibration_changes_exactly_what_the_core_rule_changes(
+    client: TestClient, models_dir: Path, tau: float
+) -> None:
+    rgb = scene(122, 203, seed=5)  # not a multiple of the stride: both resizes are exercised
+    data = png_bytes(rgb)
+    raw = client.post("/v1/models/tiny/segment?calibrate=false", content=data, headers=PNG)
+    cal = client.post(f"/v1/models/tiny/segment?calibrate=true&tau={tau}", content=data, headers=PNG)
+    assert raw.status_code == cal.status_code == 200
+    assert raw.headers["x-calibrated"] == "false" and cal.headers["x-calibrated"] == "true"
+    raw_mask, cal_mask = mask_of(raw), mask_of(cal)
+    assert raw_mask.shape == cal_mask.shape == (122, 203)
+    expected_raw = reference_mask(models_dir / "tiny" / "2", rgb, calibrate=False, tau=tau)
+    expected_cal = reference_mask(models_dir / "tiny" / "2", rgb, calibrate=True, tau=tau)
+    assert np.array_equal(raw_mask, expected_raw)
+    assert np.array_equal(cal_mask, expected_cal)
+    changed = raw_mask != cal_mask
+    assert changed.any(), "the test bundle must make calibration change some pixels"
+    assert np.array_equal(changed, expected_raw != expected_cal)
+
+
+def test_png_mask_has_input_size_valid_ids_and_palette(client: TestClient) -> None:
+    response = client.post("/v1/segment", content=png_bytes(scene(57, 91)), headers=PNG)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.mode == "P" and image.size == (91, 57)
+    mask = np.asarray(image)
+    assert mask.max() < NUM_CLASSES
+    detail = client.get("/v1/models/tiny").json()
+    palette = np.array(image.getpalette()[: NUM_CLASSES * 3]).reshape(NUM_CLASSES, 3)  # type: ignore[index]
+    assert palette.tolist() == [c["color"] for c in detail["classes"]]
+
+
+def test_headers_name_the_model_and_the_stages(client: TestClient) -> None:
+    response = client.post(
+        "/v1/segment", content=png_bytes(scene(40, 64)), headers={**PNG, "X-Request-Id": "abc-1"}
+    )
+    assert response.headers["x-request-id"] == "abc-1"
+    assert response.headers["x-model-name"] == "tiny"
+    assert response.headers["x-model-version"] == "2"  # the highest version
+    assert response.headers["x-calibrated"] == "true"  # the manifest's default
+    assert response.headers["x-calibration-tau"] == "0.2"
+    stages = [part.split(";")[0] for part in response.headers["server-timing"].split(", ")]
+    assert stages == ["decode", "infer", "calibrate", "encode"]
+    fresh = client.post(
+        "/v1/segment", content=png_bytes(scene(40, 64)), headers={**PNG, "X-Request-Id": "bad id!"}
+    )
+    assert fresh.headers["x-request-id"] != "bad id!" and len(fresh.headers["x-request-id"]) == 32
+
+
+def test_json_format_counts_and_rle_agree_with_the_png(client: TestClient) -> None:
+    data = png_bytes(scene(50, 70, seed=2))
+    png = mask_of(client.post("/v1/segment?calibrate=true", content=data, headers=PNG))
+    response = client.post("/v1/segment?calibrate=true&format=json", content=data, headers=PNG)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert (
+        body["model"] == "tiny"
+        and body["version"] == "2"
+        and body["calibrated"] is True
+        and body["tau"] == 0.2
+    )
+    rle = body["mask"]
+    assert rle["encoding"] == "rle-row-major" and rle["size"] == [50, 70]
+    mask = np.repeat(rle["values"], rle["lengths"]).reshape(50, 70)
+    assert np.array_equal(mask, png)
+    counts = body["class_counts"]
+    assert list(counts) == body["classes"] == [f"class{i}" for i in range(NUM_CLASSES)]
+    assert [counts[f"class{i}"] for i in range(NUM_CLASSES)] == np.bincount(
+        png.ravel(), minlength=19
+    ).tolist()
+    assert body["request_id"] == response.headers["x-request-id"]
+
+
+def test_multipart_and_every_format_and_mode(client: TestClient) -> None:
+    rgb = scene(48, 64, seed=4)
+    image = Image.fromarray(rgb)
+    bodies = {
+        "png-rgb": (encode(image, "PNG"), "image/png"),
+        "png-l": (encode(image.convert("L"), "PNG"), "image/png"),
+        "png-rgba": (encode(image.convert("RGBA"), "PNG"), "image/png"),
+        "png-p": (encode(image.convert("P"), "PNG"), "image/png"),
+        "jpeg": (encode(image, "JPEG"), "image/jpeg"),
+        "webp": (encode(image, "WEBP"), "image/webp"),
+    }
+    for name, (data, kind) in bodies.items():
+        raw = client.post("/v1/segment?calibrate=false", content=data, headers={"content-type": kind})
+        multipart = client.post("/v1/segment?calibrate=false", files={"file": (f"{name}.img", data, kind)})
+        assert raw.status_code == multipart.status_code == 200, (name, raw.text, multipart.text)
+        assert np.array_equal(mask_of(raw), mask_of(multipart)), name
+        assert mask_of(raw).shape == (48, 64), name
+
+
+def test_model_without_tables_defaults_to_raw_and_refuses_calibrate(client: TestClient) -> None:
+    data = png_bytes(scene(32, 32))
+    response = client.post("/v1/models/plain/segment", content=data, headers=PNG)
+    assert response.status_code == 200 and response.headers["x-calibrated"] == "false"
+    refused = client.post("/v1/models/plain/segment?calibrate=true", content=data, headers=PNG)
+    assert refused.status_code == 422
+    assert refused.json()["type"] == "/problems/calibration-unavailable"
+
+
+def test_observers_receive_one_record_per_request(models_dir: Path) -> None:
+    app = create_app(settings_for(models_dir))
+    records: list[SegmentationRecord] = []
+    seen = threading.Event()
+
+    def observe(record: SegmentationRecord) -> None:
+        records.append(record)
+        seen.set()
+
+    def broken(record: SegmentationRecord) -> None:
+        raise RuntimeError("observer bug")
+
+    app.state.segmentation_observers.extend([broken, observe])
+    with TestClient(app) as client:
+        response = client.post("/v1/segment?tau=0.5", content=png_bytes(scene(61, 83)), headers=PNG)
+        assert response.status_code == 200
+        assert seen.wait(10)
+    (record,) = records
+    assert record.request_id == response.headers["x-request-id"]
+    assert (record.model_name, record.model_version, record.calibrate, record.tau) == ("tiny", "2", True, 0.5)
+    assert record.input_size == (61, 83)
+    c, h, w = record.logits.shape
+    assert c == NUM_CLASSES and record.raw_decision.shape == (h, w) == record.winning_logits.shape
+    assert np.array_equal(record.raw_decision, record.logits.argmax(0))
+    assert np.array_equal(record.winning_logits, record.logits.max(0))
+    assert record.calibrated_decision is not None and record.tables is not None
+    assert np.array_equal(
+        record.calibrated_decision, calibrated_decision(record.logits, record.tables.shifts, tau=0.5)
+    )
+    assert record.timings.infer > 0
+
+
+# Every bad input: its status and its problem type.
+VALID = png_bytes(scene(32, 48))
+
+CT = "content-type"
+BAD_REQUESTS = [
+    ("garbage", "", {"content": b"\x00garbage" * 10, "headers": PNG}, 422, "invalid-image"),
+    ("empty", "", {"content": b"", "headers": PNG}, 422, "invalid-image"),
+    ("truncated", "", {"content": VALID[: len(VALID) // 2], "headers": PNG}, 422, "invalid-image"),
+    ("header only 40000x40000", "", {"content": png_header_only(40_000, 40_000), "headers": PNG}, 422,
+     "image-too-large"),
+    ("header only 5000x4000", "", {"content": png_header_only(5000, 4000), "headers": PNG}, 422,
+     "image-too-large"),
+    ("gif", "", {"content": b"GIF89a" + bytes(64), "headers": {CT: "image/gif"}}, 415,
+     "unsupported-media-type"),
+    ("no content type", "", {"content": VALID, "headers": {CT: ""}}, 415, "unsupported-media-type"),
+    ("text", "", {"content": b"hello", "headers": {CT: "text/plain"}}, 415, "unsupported-media-type"),
+    ("png as octet-stream", "", {"content": VALID, "headers": {CT: "application/octet-stream"}}, 415,
+     "unsupported-media-type"),
+    ("multipart without file", "", {"data": {"other": "x"}, "files": {"x": ("a", b"1", "text/plain")}}, 422,
+     "invalid-request"),
+    ("multipart file not an image", "", {"files": {"file": ("a.png", b"nope", "image/png")}}, 422,
+     "invalid-image"),
+    ("bad multipart", "", {"content": b"--x\r\nbroken", "headers": {CT: "multipart/form-data"}}, 422,
+     "invalid-request"),
+    ("tau too high", "?tau=1.5", {"content": VALID, "headers": PNG}, 422, "invalid-request"),
+    ("tau negative", "?tau=-0.1", {"content": VALID, "headers": PNG}, 422, "invalid-request"),
+    ("tau nan", "?tau=nan", {"content": VALID, "headers": PNG}, 422, "invalid-request"),
+    ("tau text", "?tau=abc", {"content": VALID, "headers": PNG}, 422, "invalid-request"),
+    ("calibrate text", "?calibrate=maybe", {"content": VALID, "headers": PNG}, 422, "invalid-request"),
+    ("format", "?format=gif", {"content": VALID, "headers": PNG}, 422, "invalid-request"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "query", "kwargs", "status", "slug"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
+@pytest.mark.parametrize("route", ["/v1/segment", "/v1/models/tiny/segment"])
+def test_bad_input_gets_its_status_and_problem(
+    client: TestClient, route: str, case: str, query: str, kwargs: dict[str, object], status: int, slug: str
+) -> None:
+    response = client.post(route + query, **kwargs)  # type: ignore[arg-type]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"] == f"/problems/{slug}" and body["status"] == status
+    assert body["title"] and body["detail"] and body["request_id"] == response.headers["x-request-id"]
+    described = client.get(body["type"]).json()
+    assert described["status"] == status
+
+
+def test_byte_limit_from_content_length_and_while_reading(models_dir: Path) -> None:
+    with TestClient(create_app(settings_for(models_dir, max_body_bytes=4096))) as client:
+        big = png_bytes(scene(200, 200))
+        assert len(big) > 4096
+        response = client.post("/v1/segment", content=big, headers=PNG)
+        assert response.status_code == 413 and response.json()["type"] == "/problems/payload-too-large"
+        assert "at most 4096 bytes" in response.json()["detail"]
+
+        def chunks() -> object:  # no Content-Length: the limit applies while reading
+            for start in range(0, len(big), 1000):
+                yield big[start : start + 1000]
+
+        streamed = client.post("/v1/segment", content=chunks(), headers=PNG)  # type: ignore[arg-type]
+        assert streamed.status_code == 413
+        multipart = client.post("/v1/segment", files={"file": ("a.png", big, "image/png")})
+        assert multipart.status_code == 413
+
+
+def test_pixel_limit_is_a_422(models_dir: Path) -> None:
+    with TestClient(create_app(settings_for(models_dir, max_image_pixels=1000))) as client:
+        response = client.post("/v1/segment", content=png_bytes(scene(40, 40)), headers=PNG)
+        assert response.status_code == 422
+        assert response.json()["type"] == "/problems/image-too-large"
+        assert "got 40 x 40 = 1600" in response.json()["detail"]
+
+
+def test_unknown_model_is_a_404(client: TestClient) -> None:
+    response = client.post("/v1/models/nope/segment", content=VALID, headers=PNG)
+    assert response.status_code == 404
+    body = response.json()
+    assert (
+        body["type"] == "/problems/model-not-found" and "nope" in body["detail"] and "tiny" in body["detail"]
+    )
+
+
+def test_unknown_route_and_method_are_problems(client: TestClient) -> None:
+    missing = client.get("/v2/nothing")
+    assert missing.status_code == 404 and missing.json()["type"] == "/problems/not-found"
+    wrong = client.get("/v1/segment")
+    assert wrong.status_code == 405 and wrong.json()["type"] == "/problems/method-not-allowed"
+
+
+def test_openapi_docs_and_demo_page(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    segment = schema["paths"]["/v1/models/{name}/segment"]["post"]
+    assert set(segment["requestBody"]["content"]) == {
+        "multipart/form-data",
+        "image/png",
+        "image/jpeg",
+        "image/webp",
+    }
+    assert {p["name"] for p in segment["parameters"]} == {"name", "calibrate", "tau", "format"}
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/v1/models" in page.text and "calibrate" in page.text
+    assert json.loads(client.get("/problems/payload-too-large").text)["status"] == 413
+
+
+def test_admin_key_is_not_needed_for_segmenting(client: TestClient) -> None:
+    headers = {**PNG, "X-API-Key": ADMIN_KEY}
+    assert client.post("/v1/segment", content=VALID, headers=headers).status_code == 200
