@@ -192,6 +192,7 @@ def diagnose_command(
     iterations: Annotated[
         int, typer.Option(help="Source-only training iterations when no checkpoint.")
     ] = 600,
+    seed: Annotated[int, typer.Option(help="Seed of the source-only training when no checkpoint.")] = 0,
     threads: Threads = 2,
 ) -> None:
     """Is the benchmark a real problem? Source-only model on target val: mIoU, per-class IoU and Bias(l),
@@ -206,6 +207,7 @@ def diagnose_command(
             network=network,
             limit=limit,
             iterations=iterations,
+            seed=seed,
             threads=threads,
         )
     print_report(report)

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from calibration.bias import label_free_bias
 
+from calibration.bias import label_free_bias
 from calibration.distributions import fit_pair_gmms
 from training.evaluate import (
     PixelSampler,
@@ -84,22 +84,30 @@ def diagnose(
 
 
 def _source_only_model(
-    data: Path, checkpoint: Path | None, network: str | None, iterations: int, out: Path
+    data: Path, checkpoint: Path | None, network: str | None, iterations: int, out: Path, seed: int
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load the given checkpoint, or train a source-only model with the training loop's defaults."""
     from training.export import load_model
 
-    if checkpoint is not None:
-        loaded = load_model(checkpoint, network)
-        return loaded.model, {"checkpoint": str(checkpoint), "network": loaded.network}
-    try:
-        from training.loop import train_source_only
-    except ImportError:
-        raise ValueError(
-            "--checkpoint: expected a source-only checkpoint (training.loop cannot train one here)"
-        ) from None
-    ckpt = train_source_only(data=data, out=out / "source_only", iterations=iterations, network=network)
-    loaded = load_model(ckpt)
-    return loaded.model, {"checkpoint": str(ckpt), "network": loaded.network, "trained_here": True}
+    if checkpoint is None:
+        from training.config import load_config
+        from training.datasets import open_domains
+        from training.loop import Domains, run_training
+
+        overrides = [f"optim.iterations={iterations}"]
+        if network is not None:
+            overrides.append(f"model.network={network}")
+        cfg = load_config("source-only", None, overrides, seed)
+        sets = open_domains(data, cfg.data.source, cfg.data.target, cfg.data.tuning_fraction)
+        run_dir = out / "source_only"
+        run_training(cfg, Domains(sets["source"], sets["target_train"], sets["target_val"]), run_dir)
+        checkpoint = run_dir / "checkpoint.pt"
+        trained_here = True
+    else:
+        trained_here = False
+    loaded = load_model(checkpoint, network)
+    desc = {"checkpoint": str(checkpoint), "network": loaded.network, "trained_here": trained_here}
+    return loaded.model, desc
 
 
 def run_diagnose(
@@ -110,6 +118,7 @@ def run_diagnose(
     network: str | None = None,
     limit: int = 0,
     iterations: int = 600,
+    seed: int = 0,
     threads: int = 2,
 ) -> dict[str, Any]:
     """`blda diagnose`: writes OUT/diagnose.json and OUT/diagnose.png, returns the report."""
@@ -117,7 +126,7 @@ def run_diagnose(
     from training.plots import plot_diagnosis
 
     torch.set_num_threads(threads)
-    model, desc = _source_only_model(data, checkpoint, network, iterations, out)
+    model, desc = _source_only_model(data, checkpoint, network, iterations, out, seed)
     names = list(CLASS_NAMES[: int(getattr(model, "num_classes", len(CLASS_NAMES)))])
     report = diagnose(
         TorchPredictor(model),

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from calibration.bias import bias_from_confusion, confusion_matrix, iou_from_confusion
 
 from calibration.alignment import calibrated_decision
+from calibration.bias import bias_from_confusion, confusion_matrix, iou_from_confusion
 from calibration.tables import CalibrationTables
 from training.networks import normalise_images
 
@@ -71,6 +71,8 @@ class OnnxPredictor:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # No busy-waiting between ops: on a shared machine spinning threads steal the cores they wait for.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
@@ -219,21 +221,27 @@ def sample_logits(
     return count
 
 
-def load_split(
-    data: Path, domain: str, split: str, limit: int = 0, labels: bool = True
-) -> Iterable[LabelledSample]:
+# Sub-folders of a data root as `blda synth` writes them (and where real datasets go): the source domain in
+# the GTA5 layout (train and a held-out val), the target domain in the Cityscapes layout (train/val splits).
+SOURCE_DIRS = {"train": "source", "val": "source_val"}
+TARGET_DIR = "target"
+
+
+def load_split(data: Path, domain: str, split: str, limit: int = 0) -> Iterable[LabelledSample]:
     """Samples of `domain` ("source" or "target") and `split` under `data`; at most `limit` (0: all)."""
-    from training.data.loaders import open_domain
+    from training.data.datasets import CityscapesDataset, Gta5Dataset
 
-    samples = open_domain(data, domain, split, labels=labels)
-    return samples if limit <= 0 else _take(samples, limit)
-
-
-def _take(samples: Iterable[LabelledSample], limit: int) -> Iterable[LabelledSample]:
-    for i, sample in enumerate(samples):
-        if i >= limit:
-            return
-        yield sample
+    dataset: Any
+    if domain == "source":
+        if split not in SOURCE_DIRS:
+            raise ValueError(f"split: expected one of {sorted(SOURCE_DIRS)} for the source, got {split!r}")
+        dataset = Gta5Dataset(Path(data) / SOURCE_DIRS[split])
+    elif domain == "target":
+        dataset = CityscapesDataset(Path(data) / TARGET_DIR, split)
+    else:
+        raise ValueError(f"domain: expected 'source' or 'target', got {domain!r}")
+    count = len(dataset) if limit <= 0 else min(limit, len(dataset))
+    return (dataset[i] for i in range(count))
 
 
 @dataclass(frozen=True)
@@ -315,7 +323,7 @@ def run_evaluate(
         tables = fit_tables_offline(
             mut.predictor,
             load_split(data, "source", "train", fit_limit),
-            load_split(data, "target", "train", fit_limit, labels=False),
+            load_split(data, "target", "train", fit_limit),
             len(mut.class_names),
         )
         tables_from = f"fitted offline on {data} train splits ({fit_limit} images per domain)"

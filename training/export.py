@@ -346,7 +346,7 @@ def run_export(
     if tables is None and data is not None:
         predictor = TorchPredictor(loaded.model)
         source = load_split(data, "source", "train", limit)
-        target = load_split(data, "target", "train", limit, labels=False)
+        target = load_split(data, "target", "train", limit)
         tables = fit_tables_offline(predictor, source, target, num_classes, seed=seed)
         tables_from = f"fitted offline on {data} (source train with labels, target train with pseudo-labels)"
     elif tables is None:

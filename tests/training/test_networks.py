@@ -22,6 +22,12 @@ TINY = ["mobilenet_lraspp_tiny", "segformer_tiny"]
 
 
 @pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    # The machine is shared: two spinning threads on two busy cores stall far more than one.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
 

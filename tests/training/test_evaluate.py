@@ -1,0 +1,134 @@
+"""Evaluation on tiny fabricated data: metrics equal the ones computed by hand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.distributions import fit_pair_gmms
+from calibration.tables import build_calibration_tables
+from training.evaluate import (
+    PixelSampler,
+    accumulate_confusions,
+    class_metrics,
+    evaluate,
+    upsample_logits,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    # The machine is shared: two spinning threads on two busy cores stall far more than one.
+    torch.set_num_threads(1)
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: np.ndarray  # (H, W, 3) uint8
+    label: np.ndarray  # (H, W) uint8
+    name: str
+
+
+def one_hot_predictor(num_classes: int):
+    """Predicts, at full resolution, the class written in the image's red channel."""
+
+    def predict(images: np.ndarray) -> np.ndarray:  # (N, H, W, 3) -> (N, C, H, W)
+        cls = images[..., 0].astype(np.int64)
+        return (np.eye(num_classes, dtype=np.float32)[cls] * 5.0).transpose(0, 3, 1, 2)
+
+    return predict
+
+
+def make_sample(pred: list[list[int]], label: list[list[int]], name: str) -> Sample:
+    p = np.asarray(pred, dtype=np.uint8)
+    image = np.stack([p, np.zeros_like(p), np.zeros_like(p)], axis=-1)
+    return Sample(image, np.asarray(label, dtype=np.uint8), name)
+
+
+SAMPLES = [
+    make_sample([[0, 0, 1], [1, 2, 2]], [[0, 1, 1], [1, 2, 255]], "a"),
+    make_sample([[2, 2, 0], [0, 0, 0]], [[2, 0, 0], [0, 0, 1]], "b"),
+]
+NAMES = ["zero", "one", "two", "three"]
+
+
+def test_iou_and_bias_by_hand() -> None:
+    m = evaluate(one_hot_predictor(4), SAMPLES, NAMES)
+    raw = m["raw"]
+    # Valid pixels (pred, true): a: (0,0) (0,1) (1,1) (1,1) (2,2); b: (2,2) (2,0) (0,0) (0,0) (0,0) (0,1).
+    # class 0: tp 4, predicted 6, true 5 -> IoU 4 / 7; class 1: tp 2, predicted 2, true 4 -> 2 / 4;
+    # class 2: tp 2, predicted 3, true 2 -> 2 / 3; class 3 absent everywhere -> undefined.
+    assert raw["iou"][:3] == pytest.approx([4 / 7, 2 / 4, 2 / 3])
+    assert raw["iou"][3] is None
+    ious = np.array([4 / 7, 2 / 4, 2 / 3])
+    assert raw["miou"] == pytest.approx(ious.mean())
+    assert raw["iou_std"] == pytest.approx(ious.std())
+    assert raw["pixel_accuracy"] == pytest.approx(8 / 11)
+    # Bias(l) = mean over present true classes c of P(pred = l | y = c) - 1/C:
+    # rows: y=0 -> (4/5, 0, 1/5, 0), y=1 -> (2/4, 2/4, 0, 0), y=2 -> (0, 0, 1, 0).
+    p = np.array([[4 / 5, 0, 1 / 5, 0], [2 / 4, 2 / 4, 0, 0], [0, 0, 1, 0]])
+    assert raw["bias"] == pytest.approx(list(p.mean(0) - 1 / 4))
+    assert m["num_images"] == 2
+    assert np.asarray(m["confusion_raw"]).sum() == 11
+
+
+def test_logits_are_upsampled_to_the_label() -> None:
+    label = np.zeros((8, 8), np.uint8)
+    label[:, 4:] = 1
+
+    def low_res(images: np.ndarray) -> np.ndarray:  # (N, H, W, 3) -> (N, 2, H/4, W/4)
+        logits = np.zeros((images.shape[0], 2, 2, 2), np.float32)
+        logits[:, 0, :, 0] = 1.0
+        logits[:, 1, :, 1] = 1.0
+        return logits
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    m = evaluate(low_res, [Sample(image, label, "x")], ["left", "right"])
+    assert m["raw"]["iou"] == [1.0, 1.0]
+    up = upsample_logits(low_res(image[None]), (8, 8))
+    assert up.shape == (1, 2, 8, 8)
+
+
+def test_calibration_at_tau_zero_is_raw_and_tables_are_used() -> None:
+    rng = np.random.default_rng(0)
+    c = 4
+    labels = rng.integers(0, c, (1, 16, 16))
+    logits = rng.normal(size=(1, c, 16, 16)) + 3.0 * np.eye(c)[labels].transpose(0, 3, 1, 2)
+    pairs, counts = fit_pair_gmms(logits, labels, c, k=2)
+    tables = build_calibration_tables(pairs, counts)
+    conf = accumulate_confusions(one_hot_predictor(c), SAMPLES, c, tables, taus=(0.0, 0.5))
+    np.testing.assert_array_equal(conf.calibrated[0.0], conf.raw)
+    assert conf.calibrated[0.5].sum() == conf.raw.sum()
+    with pytest.raises(ValueError, match="tables"):
+        accumulate_confusions(one_hot_predictor(c), SAMPLES, c, None, taus=(0.2,))
+
+
+def test_empty_or_mismatched_input_is_an_error() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        evaluate(one_hot_predictor(4), [], NAMES)
+    with pytest.raises(ValueError, match="expected 3 classes"):
+        evaluate(one_hot_predictor(4), SAMPLES, NAMES[:3])
+
+
+def test_class_metrics_without_pixels_has_no_nan() -> None:
+    m = class_metrics(np.zeros((3, 3), np.int64))
+    assert m["miou"] is None and m["pixel_accuracy"] is None
+    assert m["iou"] == [None, None, None]
+
+
+def test_pixel_sampler_keeps_labels_aligned_and_skips_ignore() -> None:
+    logits = np.arange(2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5)
+    label = np.arange(20).reshape(4, 5).astype(np.uint8) % 3
+    label[0, 0] = 255
+    sampler = PixelSampler(pixels_per_image=7, seed=1)
+    sampler(logits, label)
+    z, y = sampler.arrays()
+    assert z.shape == (2, 1, 7) and y.shape == (1, 7)
+    flat = logits.reshape(2, -1)
+    for i in range(7):
+        pix = int(z[0, 0, i])  # channel 0 holds the pixel index
+        assert flat[1, pix] == z[1, 0, i]
+        assert label.reshape(-1)[pix] == y[0, i] != 255
