@@ -1,9 +1,9 @@
 """The 19 Cityscapes evaluation classes, their ids and palette, and the SYNTHIA mapping onto them.
 
-Cityscapes stores *label ids* (0..33) in its `gtFine_labelIds` PNGs and GTA5 uses the same ids; the 19 evaluated
-classes get *train ids* 0..18, everything else maps to the ignore index. SYNTHIA-RAND-CITYSCAPES has its own ids
-(README of the dataset); the mapping below is the one of DAFormer and the common UDA code, and the 16- and
-13-class subsets are the usual SYNTHIA→Cityscapes evaluation protocols.
+Cityscapes stores *label ids* (0..33) in its `gtFine_labelIds` PNGs and GTA5 uses the same ids; the 19
+evaluated classes get *train ids* 0..18, everything else maps to the ignore index. SYNTHIA-RAND-CITYSCAPES has
+its own ids (README of the dataset); the mapping below is the one of DAFormer and the common UDA code, and the
+16- and 13-class subsets are the usual SYNTHIA→Cityscapes evaluation protocols.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def subset_lut(num_classes: int) -> np.ndarray:
 
 
 def synthia_lut(num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """(65536,) uint8: SYNTHIA id (16-bit) -> class index among `num_classes` (19, 16 or 13); unknown -> ignore."""
+    """(65536,) uint8: SYNTHIA id -> class index among `num_classes` (19, 16 or 13); unknown -> ignore."""
     to_subset = subset_lut(num_classes)
     lut = np.full(65536, IGNORE_INDEX, dtype=np.uint8)
     for synthia_id, train_id in SYNTHIA_TO_TRAIN.items():
@@ -125,7 +125,7 @@ def subset_names(num_classes: int) -> tuple[str, ...]:
 
 
 def colorize(train_ids: np.ndarray, ignore_color: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
-    """(H, W) train ids -> (H, W, 3) uint8 RGB in the Cityscapes palette; ignore and unknown ids get `ignore_color`."""
+    """(H, W) train ids -> (H, W, 3) uint8 Cityscapes colours; ignore and unknown ids get `ignore_color`."""
     lut = np.zeros((256, 3), dtype=np.uint8)
     lut[:] = ignore_color
     lut[:NUM_CLASSES] = PALETTE

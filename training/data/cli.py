@@ -76,7 +76,8 @@ def synth(
     generate(config, out, workers=workers, progress=progress)
     bar.close()
     typer.echo(
-        f"wrote {out} ({count} source, {source_val_count} source val, {target_count} target train, {val_count} target val)"
+        f"wrote {out} ({count} source, {source_val_count} source val, "
+        f"{target_count} target train, {val_count} target val)"
     )
 
 

@@ -43,7 +43,7 @@ def sheet(rows: Sequence[tuple[str, Sample]], tile_width: int = 384) -> Image.Im
 
 
 def benchmark_sheet(data: Path, count: int = 4, seed: int = 0, split: str = "val") -> Image.Image:
-    """Source samples (GTA5 layout under data/source) next to target samples (Cityscapes layout under data/target)."""
+    """Source samples (GTA5 layout, data/source) beside target samples (Cityscapes layout, data/target)."""
     source = Gta5Dataset(Path(data) / "source")
     target = CityscapesDataset(Path(data) / "target", split)
     rng = np.random.default_rng(seed)

@@ -1,13 +1,13 @@
-"""Torch-free readers of GTA5, SYNTHIA-RAND-CITYSCAPES and Cityscapes (and of the synthetic benchmark, which is
-written in the GTA5 and Cityscapes layouts).
+"""Torch-free readers of GTA5, SYNTHIA-RAND-CITYSCAPES and Cityscapes (and of the synthetic benchmark,
+which is written in the GTA5 and Cityscapes layouts).
 
 Every dataset indexes to a `Sample`: an RGB uint8 image and uint8 train ids (255 = ignore). The training code
 wraps these in torch Datasets. Layouts (as distributed):
 
-    GTA5        root/images/00001.png             root/labels/00001.png            label ids (palette/grey PNG)
-    SYNTHIA     root/RGB/0000000.png              root/GT/LABELS/0000000.png       16-bit, class id in channel 0
+    GTA5        root/images/00001.png, root/labels/00001.png (label ids, palette or grey PNG)
+    SYNTHIA     root/RGB/0000000.png, root/GT/LABELS/0000000.png (16-bit, class id in channel 0)
     Cityscapes  root/leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png
-                root/gtFine/{split}/{city}/{stem}_gtFine_labelIds.png              label ids (grey PNG)
+                root/gtFine/{split}/{city}/{stem}_gtFine_labelIds.png (label ids, grey PNG)
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ def read_image(path: Path, size: Size | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB, optionally resized bilinearly to size = (height, width)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(im)
+            rgb = im.convert("RGB")
+            if size is not None and rgb.size != (size[1], size[0]):
+                rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            return np.asarray(rgb)
     except FileNotFoundError:
         raise DatasetError(path, "expected an image file, but it does not exist") from None
     except OSError as e:
@@ -63,7 +63,7 @@ def read_image(path: Path, size: Size | None = None) -> np.ndarray:
 
 
 def read_label_ids(path: Path) -> np.ndarray:
-    """(H, W) uint8 class ids from an 8-bit grey ('L') or palette ('P') PNG, as GTA5 and Cityscapes store them."""
+    """(H, W) uint8 class ids from a grey ('L') or palette ('P') PNG, as GTA5 and Cityscapes store them."""
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P"):
@@ -80,7 +80,7 @@ def read_label_ids(path: Path) -> np.ndarray:
 
 
 def read_synthia_ids(path: Path) -> np.ndarray:
-    """(H, W) uint16 SYNTHIA class ids: the first channel of a 16-bit label PNG (grey or 8-bit also accepted)."""
+    """(H, W) uint16 SYNTHIA class ids: first channel of a 16-bit label PNG (grey or 8-bit also accepted)."""
     if not path.is_file():
         raise DatasetError(path, "expected a label file, but it does not exist")
     try:

@@ -1,1 +1,1 @@
-"""Procedural street scenes in two domains: a synthetic domain-adaptation benchmark (see docs in config.py)."""
+"""Procedural street scenes in two domains: a synthetic domain-adaptation benchmark (see config.py)."""

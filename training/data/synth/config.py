@@ -1,9 +1,10 @@
-"""Configuration of the synthetic benchmark: geometry, appearance, label distribution and the shift between domains.
+"""Configuration of the synthetic benchmark: geometry, appearance, label distribution and the domain shift.
 
-The source domain plays GTA5 (clean, saturated, sunny, car-heavy); the target plays Cityscapes (overcast, desaturated,
-noisy, blurred, JPEG-compressed, more persons, riders, two-wheelers and thin structures, objects farther away).
-`ShiftConfig.strength` interpolates every field of the target between the source (0.0) and the default target (1.0);
-values above 1 extrapolate (clamped to valid ranges), so easier and harder variants come from one knob.
+The source domain plays GTA5 (clean, saturated, sunny, car-heavy); the target plays Cityscapes (overcast,
+desaturated, noisy, blurred, JPEG-compressed, more persons, riders, two-wheelers and thin structures, objects
+farther away). `ShiftConfig.strength` interpolates every field of the target between the source (0.0) and the
+default target (1.0); values above 1 extrapolate (clamped to valid ranges), so easier and harder variants come
+from one knob.
 """
 
 from __future__ import annotations
@@ -12,8 +13,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from training.data.classes import CLASS_NAMES
+
 Rgb = tuple[float, float, float]
 T = TypeVar("T")
+
+
+def per_class(default: float, **values: float) -> tuple[float, ...]:
+    """A value per class in train-id order; keywords are class names with '_' for spaces."""
+    unknown = set(values) - {n.replace(" ", "_") for n in CLASS_NAMES}
+    if unknown:
+        raise ValueError(f"per_class: expected class names, got {sorted(unknown)}")
+    return tuple(values.get(n.replace(" ", "_"), default) for n in CLASS_NAMES)
 
 
 @dataclass(frozen=True)
@@ -127,14 +138,38 @@ class DomainStyle:
     skin: Rgb = (225.0, 180.0, 150.0)
     window: Rgb = (60.0, 80.0, 110.0)
     color_jitter: float = 12.0  # std of per-instance colour noise (0..255 scale)
-    texture: tuple[float, ...] = (  # amplitude of the low-frequency texture per class
-        0.06, 0.08, 0.10, 0.08, 0.10, 0.04, 0.02, 0.02, 0.18, 0.16,
-        0.03, 0.06, 0.06, 0.04, 0.05, 0.05, 0.05, 0.05, 0.05,
-    )  # fmt: skip
-    grain: tuple[float, ...] = (  # amplitude of the high-frequency texture per class
-        0.05, 0.06, 0.04, 0.05, 0.06, 0.02, 0.02, 0.02, 0.20, 0.14,
-        0.01, 0.03, 0.03, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02,
-    )  # fmt: skip
+    # amplitude of the low-frequency texture per class
+    texture: tuple[float, ...] = per_class(
+        0.05,
+        road=0.06,
+        sidewalk=0.08,
+        building=0.10,
+        wall=0.08,
+        fence=0.10,
+        pole=0.04,
+        traffic_light=0.02,
+        traffic_sign=0.02,
+        vegetation=0.18,
+        terrain=0.16,
+        sky=0.03,
+        person=0.06,
+        rider=0.06,
+        car=0.04,
+    )
+    # amplitude of the high-frequency texture per class
+    grain: tuple[float, ...] = per_class(
+        0.02,
+        road=0.05,
+        sidewalk=0.06,
+        building=0.04,
+        wall=0.05,
+        fence=0.06,
+        vegetation=0.20,
+        terrain=0.14,
+        sky=0.01,
+        person=0.03,
+        rider=0.03,
+    )
     shadow: float = 0.25  # strength of cast-shadow patches on the ground
     sun_side: float = 0.8  # brightness of facades facing away from the sun
     brightness: float = 1.05
@@ -235,48 +270,36 @@ TARGET_STYLE = DomainStyle(
     skin=(190.0, 160.0, 140.0),
     window=(45.0, 50.0, 55.0),
     color_jitter=10.0,
-    texture=(
-        0.12,
-        0.12,
-        0.12,
-        0.10,
-        0.10,
-        0.05,
-        0.03,
-        0.03,
-        0.22,
-        0.20,
-        0.02,
-        0.08,
-        0.08,
-        0.05,
+    texture=per_class(
         0.06,
-        0.06,
-        0.06,
-        0.06,
-        0.06,
-    ),  # fmt: skip
-    grain=(
-        0.08,
-        0.08,
-        0.06,
-        0.06,
-        0.08,
+        road=0.12,
+        sidewalk=0.12,
+        building=0.12,
+        wall=0.10,
+        fence=0.10,
+        pole=0.05,
+        traffic_light=0.03,
+        traffic_sign=0.03,
+        vegetation=0.22,
+        terrain=0.20,
+        sky=0.02,
+        person=0.08,
+        rider=0.08,
+        car=0.05,
+    ),
+    grain=per_class(
         0.03,
-        0.03,
-        0.03,
-        0.24,
-        0.16,
-        0.01,
-        0.04,
-        0.04,
-        0.03,
-        0.03,
-        0.03,
-        0.03,
-        0.03,
-        0.03,
-    ),  # fmt: skip
+        road=0.08,
+        sidewalk=0.08,
+        building=0.06,
+        wall=0.06,
+        fence=0.08,
+        vegetation=0.24,
+        terrain=0.16,
+        sky=0.01,
+        person=0.04,
+        rider=0.04,
+    ),
     shadow=0.08,
     sun_side=0.95,
     brightness=0.85,
@@ -372,7 +395,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
 def _lerp_value(a: Any, b: Any, t: float, name: str) -> Any:
     if isinstance(a, tuple):
         return tuple(_lerp_value(x, y, t, name) for x, y in zip(a, b, strict=True))
-    value = a + (b - a) * t
+    value = (1.0 - t) * a + t * b  # exact at both ends
     lo, hi = _BOUNDS.get(name, (0.0, float("inf")))
     return float(min(max(value, lo), hi))
 

@@ -7,6 +7,8 @@ comes from drawing far to near.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from training.data.synth.canvas import C, Camera, Canvas, Color, jitter, shade
@@ -67,7 +69,7 @@ def box_vehicle(
             if cls in (C["bus"], C["train"]):
                 n = max(2, int(length / 2.2))
                 zs = np.linspace(z0 + 0.8, z1 - 0.8, n + 1)
-                for a, b in zip(zs[:-1], zs[1:], strict=True):
+                for a, b in itertools.pairwise(zs):
                     cv.paint(
                         cam.points(
                             [
@@ -181,7 +183,7 @@ def person(
     pose: str,
     direction: int,
 ) -> None:
-    """A person whose feet (pose 'walk' / 'stand') or seat (pose 'ride') is at pixel (u, v); s px per metre."""
+    """A person with feet (pose 'walk' / 'stand') or seat (pose 'ride') at pixel (u, v); s px per metre."""
     shirt = _pick(rng, style.clothing_colors, style.color_jitter)
     pants = _pick(rng, style.clothing_colors, style.color_jitter)
     skin = jitter(rng, style.skin, 12.0)
@@ -446,7 +448,7 @@ def facade(
     height: float,
     side: int,
 ) -> None:
-    """A building along the street: facade plane at x from z0 to z1, its end face toward the camera, windows."""
+    """A building along the street: facade plane at x from z0 to z1, end face toward the camera, windows."""
     cls = C["building"]
     color = _pick(rng, style.building_colors, style.color_jitter)
     away = side  # +1: right side of the street (facade faces -x)
@@ -520,7 +522,7 @@ def barrier(
         cv.line(rails[2:], cls, color, max(1.0, 0.08 * cam.scale(z0) * thin))
         step = rng.uniform(0.12, 0.3)
         zs = np.arange(z0, z1, step)
-        zs = zs[cam.scale(zs) * step >= 2.0] if zs.size else zs
+        zs = zs[cam.focal / zs * step >= 2.0]
         for zz in zs[:200]:
             cv.paint_line(
                 cam.points([(x, 0, zz), (x, height, zz)]), color, max(1.0, 0.04 * cam.scale(zz) * thin)

@@ -1,11 +1,12 @@
 """One street scene: sample a layout from the domain's label distribution, draw it, apply the domain's look.
 
-`render_scene(rng, scene, domain)` is a pure function of the generator state: the same seed gives the same bytes.
+`render_scene(rng, scene, domain)` is a pure function of the generator state: one seed, the same bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -345,7 +346,9 @@ def render_scene(
             bool(rng.uniform() < 0.5),
         )
 
-    def add_figure(x: float, z: float, draw: Callable[[float, float, float], None]) -> None:
+    def add_figure(x: float, z: float, draw: Callable[[float, float, float], object]) -> None:
+        """`draw(u, v, pixels_per_metre)` with (u, v) the projection of the ground point (x, 0, z)."""
+
         def draw_f(x: float = x, z: float = z) -> None:
             (u, v) = cam.points([(x, 0, z)])[0]
             draw(u, v, cam.scale(z) * size)
@@ -355,58 +358,42 @@ def render_scene(
     def sidewalk_x(s: int) -> float:
         return float(rng.uniform(min(curb[s], outer[s]) + 0.4, max(curb[s], outer[s]) - 0.4))
 
+    def side() -> int:
+        return -1 if rng.uniform() < 0.5 else 1
+
     for _ in range(int(rng.poisson(lab.persons))):
-        s = -1 if rng.uniform() < 0.5 else 1
-        ph = float(rng.uniform(1.55, 1.95))
-        pose = "walk" if rng.uniform() < 0.7 else "stand"
-        d = 1 if rng.uniform() < 0.5 else -1
-        add_figure(
-            sidewalk_x(s),
-            _depth(rng, lab, 3.0),
-            lambda u, v, sc, ph=ph, pose=pose, d=d: objects.person(
-                cv, rng, style, C["person"], u, v, sc, ph, pose, d
-            ),
+        s = side()
+        height, pose = float(rng.uniform(1.55, 1.95)), "walk" if rng.uniform() < 0.7 else "stand"
+        person = partial(
+            objects.person, cv, rng, style, C["person"], height=height, pose=pose, direction=side()
         )
+        add_figure(sidewalk_x(s), _depth(rng, lab, 3.0), person)
     for _ in range(int(rng.poisson(lab.crossing_persons))):
-        ph = float(rng.uniform(1.55, 1.95))
-        d = 1 if rng.uniform() < 0.5 else -1
-        add_figure(
-            float(rng.uniform(x_left, x_right)),
-            _depth(rng, lab),
-            lambda u, v, sc, ph=ph, d=d: objects.person(cv, rng, style, C["person"], u, v, sc, ph, "walk", d),
+        height = float(rng.uniform(1.55, 1.95))
+        person = partial(
+            objects.person, cv, rng, style, C["person"], height=height, pose="walk", direction=side()
         )
+        add_figure(float(rng.uniform(x_left, x_right)), _depth(rng, lab), person)
     for vehicle, rate in (("bicycle", lab.bicycle_riders), ("motorcycle", lab.motorcycle_riders)):
         for _ in range(int(rng.poisson(rate))):
-            s = -1 if rng.uniform() < 0.5 else 1
+            s = side()
             on_road = rng.uniform() < 0.7 or vehicle == "motorcycle"
             x = curb[s] - s * float(rng.uniform(0.5, 1.5)) if on_road else sidewalk_x(s)
-            d = 1 if rng.uniform() < 0.5 else -1
-            add_figure(
-                x,
-                _depth(rng, lab),
-                lambda u, v, sc, d=d, vehicle=vehicle: objects.rider(
-                    cv, rng, style, u, v, sc, d, vehicle, lab.thin_scale
-                ),
+            rider = partial(
+                objects.rider, cv, rng, style, direction=side(), vehicle=vehicle, thin=lab.thin_scale
             )
-    for vehicle, rate in (("bicycle", lab.parked_bicycles), ("motorcycle", lab.parked_motorcycles)):
-        for _ in range(int(rng.poisson(rate))):
-            s = -1 if rng.uniform() < 0.5 else 1
-            x = outer[s] + s * 0.5 if vehicle == "bicycle" else curb[s] - s * 0.6
-            d = 1 if rng.uniform() < 0.5 else -1
-            if vehicle == "bicycle":
-                add_figure(
-                    x,
-                    _depth(rng, lab, 3.0),
-                    lambda u, v, sc, d=d: (
-                        objects.bicycle(cv, rng, style, u, v, sc, d, lab.thin_scale) and None
-                    ),
-                )
-            else:
-                add_figure(
-                    x,
-                    _depth(rng, lab, 3.0),
-                    lambda u, v, sc, d=d: objects.motorcycle(cv, rng, style, u, v, sc, d) and None,
-                )
+            add_figure(x, _depth(rng, lab), rider)
+    for _ in range(int(rng.poisson(lab.parked_bicycles))):
+        s = side()
+        bike = partial(objects.bicycle, cv, rng, style, direction=side(), thin=lab.thin_scale)
+        add_figure(outer[s] + s * 0.5, _depth(rng, lab, 3.0), bike)
+    for _ in range(int(rng.poisson(lab.parked_motorcycles))):
+        s = side()
+        add_figure(
+            curb[s] - s * 0.6,
+            _depth(rng, lab, 3.0),
+            partial(objects.motorcycle, cv, rng, style, direction=side()),
+        )
 
     for _, draw in sorted(items, key=lambda t: -t[0]):
         draw()

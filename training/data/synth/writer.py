@@ -1,10 +1,12 @@
 """Write a generated benchmark in the real datasets' layouts.
 
-DIR/source/images/00001.png, DIR/source/labels/00001.png               GTA5 (labels: Cityscapes label ids, palette PNG)
-DIR/source_val/images/…, DIR/source_val/labels/…                        same, optional held-out source split
-DIR/target/leftImg8bit/{train,val}/{city}/{city}_{seq:06d}_000019_leftImg8bit.png   Cityscapes
-DIR/target/gtFine/{train,val}/{city}/{city}_{seq:06d}_000019_gtFine_labelIds.png
-DIR/synth.json                                                          config, seed, class pixel frequencies
+GTA5 (labels: Cityscapes label ids in palette PNGs), and a held-out source split in the same layout:
+    DIR/source/images/00001.png, DIR/source/labels/00001.png
+    DIR/source_val/images/00001.png, DIR/source_val/labels/00001.png
+Cityscapes:
+    DIR/target/leftImg8bit/{train,val}/{city}/{city}_{seq:06d}_000019_leftImg8bit.png
+    DIR/target/gtFine/{train,val}/{city}/{city}_{seq:06d}_000019_gtFine_labelIds.png
+DIR/synth.json: config, seed, class pixel frequencies per domain and split.
 
 Each image has its own generator seeded by (seed, domain, split, index), so the bytes do not depend on the
 number of workers or on the order in which images are produced.
@@ -175,6 +177,9 @@ def describe(config: SynthConfig, label_id_counts: dict[str, np.ndarray]) -> dic
         "layouts": {
             "source": "GTA5: source/images/NNNNN.png, source/labels/NNNNN.png (Cityscapes label ids)",
             "source_val": "GTA5 layout, held-out source images",
-            "target": "Cityscapes: target/leftImg8bit/{split}/{city}/*_leftImg8bit.png, target/gtFine/{split}/{city}/*_gtFine_labelIds.png",
+            "target": (
+                "Cityscapes: target/leftImg8bit/{split}/{city}/*_leftImg8bit.png, "
+                "target/gtFine/{split}/{city}/*_gtFine_labelIds.png"
+            ),
         },
     }
