@@ -176,5 +176,5 @@ def test_lerp_is_fieldwise():
 def test_config_validation():
     with pytest.raises(ValueError, match=r"ShiftConfig.strength: expected a value in \[0, 3\], got -1"):
         ShiftConfig(strength=-1)
-    with pytest.raises(ValueError, match="SynthConfig.val_count: expected >= 0, got -2"):
+    with pytest.raises(ValueError, match=r"SynthConfig\.val_count: expected >= 0, got -2"):
         SynthConfig(val_count=-2)
