@@ -1,0 +1,296 @@
+"""Typed training configuration: frozen dataclasses, arm presets, a TOML/JSON file and `--set` overrides.
+
+A run's configuration is `preset(arm)`, then the file's values, then `--set section.key=value` overrides, in
+that order. Every value is type-checked against its dataclass field and errors name the key (and the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; str() names the key (and the file, when there is one)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "source"  # sub-folder of --data holding the labelled source domain (GTA5 layout)
+    target: str = "target"  # sub-folder of --data: the target domain (Cityscapes layout, train/val)
+    crop_height: int = 128
+    crop_width: int = 256
+    # Images are rescaled by a random factor in [scale_min, scale_max] before cropping (the synthetic
+    # benchmark's 256x512 images at 0.5 are exactly one 128x256 crop); evaluation uses eval_scale.
+    scale_min: float = 0.5
+    scale_max: float = 0.5
+    eval_scale: float = 0.5
+    batch_source: int = 2
+    batch_target: int = 2
+    rare_class_sampling: bool = True
+    rcs_temperature: float = 0.01
+    color_jitter: float = 0.25  # strength of brightness/contrast/saturation jitter on mixed images
+    blur: bool = True
+    # A held-out part of target train for any tuning; the evaluation split is never used for choices.
+    tuning_fraction: float = 0.1
+    val_limit: int = 0  # evaluate on at most this many target val images (0: all)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    network: str = "mobilenet_lraspp"
+    num_classes: int = 19
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    iterations: int = 600
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    poly_power: float = 1.0
+    grad_clip: float = 10.0
+    # "full": upsample logits to the label resolution before the losses (DAFormer); "logits": losses at
+    # the logits' resolution with nearest-downsampled labels (cheaper).
+    loss_resolution: str = "full"
+
+
+@dataclass(frozen=True)
+class SelfTrainingConfig:
+    enabled: bool = False
+    ema_alpha: float = 0.99
+    pseudo_threshold: float = 0.968
+    # Target loss starts after this many source-only iterations (a random-init model gives useless
+    # pseudo-labels); ramps linearly to full weight over `ramp_iters`.
+    start_iter: int = 150
+    ramp_iters: int = 50
+    classmix: bool = True
+
+
+@dataclass(frozen=True)
+class BldaConfig:
+    enabled: bool = False
+    correct_source: bool = True
+    correct_target: bool = True
+    correct_pseudo_labels: bool = True
+    t: float = 0.1  # corrected CE: CE(z - t * Δ(z), y)
+    pseudo_tau: float = 0.2  # teacher logits z + τΔ before the pseudo-label argmax
+    pseudo_top_k: int = 2  # hypotheses tried per pixel for the corrected pseudo-labels (0: all C)
+    cdf_weight: float = 0.0  # λ of the CDF-head L1 loss (paper 0.2, released config 0)
+    components: int = 5
+    em_steps: int = 3
+    samples_per_class: int = 128
+    momentum: float = 0.99
+    momentum_ramp_iters: int = 100  # official 1500 over 40k iterations; scaled to short runs
+    catchup_after: int = 20  # a pair missed this many iterations gets at most `catchup_momentum`
+    catchup_momentum: float = 0.9
+    start_iter: int = 100  # correction is applied from this iteration (GMMs are estimated from 0)
+    table_every: int = 10  # rebuild the anchors' inverse-CDF tables every this many iterations
+    table_knots: int = 256
+    eps: float = 0.01
+    track_target: bool = True  # estimate target GMMs (needed for target correction and export)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    log_every: int = 10
+    checkpoint_every: int = 200
+    eval_every: int = 0  # 0: only at the end
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arm: str = "source-only"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    blda: BldaConfig = field(default_factory=BldaConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _source_only() -> TrainConfig:
+    return TrainConfig(arm="source-only")
+
+
+def _self_training() -> TrainConfig:
+    return TrainConfig(arm="self-training", self_training=SelfTrainingConfig(enabled=True))
+
+
+def _blda() -> TrainConfig:
+    return TrainConfig(
+        arm="blda", self_training=SelfTrainingConfig(enabled=True), blda=BldaConfig(enabled=True)
+    )
+
+
+ARMS: dict[str, Callable[[], TrainConfig]] = {
+    "source-only": _source_only,
+    "self-training": _self_training,
+    "blda": _blda,
+}
+
+LOSS_RESOLUTIONS = ("full", "logits")
+
+
+def preset(arm: str) -> TrainConfig:
+    if arm not in ARMS:
+        raise ConfigError(f"arm: expected one of {sorted(ARMS)}, got {arm!r}")
+    return ARMS[arm]()
+
+
+def _coerce(key: str, value: Any, kind: Any, where: str) -> Any:
+    """Check/convert one leaf value to the field's type (str values come from --set)."""
+    prefix = f"{where}{key}"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{prefix}: expected a boolean (true/false), got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{prefix}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{prefix}: expected a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{prefix}: expected a string, got {value!r}")
+    raise ConfigError(f"{prefix}: unsupported field type {kind!r}")
+
+
+def _apply(obj: Any, values: Mapping[str, Any], path: str, where: str) -> Any:
+    """Return `obj` (a dataclass) with `values` (nested mapping) applied, type-checked."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in fields(obj)]
+    changes: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{path}{name}"
+        if name not in names:
+            raise ConfigError(f"{where}{key}: unknown key; expected one of {names}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}{key}: expected a table of settings, got {value!r}")
+            changes[name] = _apply(current, value, f"{key}.", where)
+        else:
+            changes[name] = _coerce(key, value, hints[name], where)
+    return replace(obj, **changes)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """["optim.lr=0.01", "blda.t=0.2"] -> {"optim": {"lr": "0.01"}, "blda": {"t": "0.2"}}."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        node = nested
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part} is a value, not a section")
+            node = child
+        node[parts[-1]] = value.strip()
+    return nested
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: expected a TOML or JSON config file, got no such file")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ConfigError(f"{path}: expected valid {kind}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings, got {type(data).__name__}")
+    return data
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    checks: list[tuple[bool, str]] = [
+        (cfg.arm in ARMS, f"arm: expected one of {sorted(ARMS)}, got {cfg.arm!r}"),
+        (cfg.data.crop_height > 0 and cfg.data.crop_width > 0, "data.crop_*: expected positive sizes"),
+        (
+            0 < cfg.data.scale_min <= cfg.data.scale_max,
+            "data.scale_min/scale_max: expected 0 < min <= max, "
+            f"got {cfg.data.scale_min}, {cfg.data.scale_max}",
+        ),
+        (cfg.data.eval_scale > 0, f"data.eval_scale: expected > 0, got {cfg.data.eval_scale}"),
+        (cfg.data.batch_source > 0, f"data.batch_source: expected > 0, got {cfg.data.batch_source}"),
+        (cfg.data.batch_target > 0, f"data.batch_target: expected > 0, got {cfg.data.batch_target}"),
+        (0 <= cfg.data.tuning_fraction < 1, "data.tuning_fraction: expected in [0, 1)"),
+        (cfg.optim.iterations > 0, f"optim.iterations: expected > 0, got {cfg.optim.iterations}"),
+        (cfg.optim.lr > 0, f"optim.lr: expected > 0, got {cfg.optim.lr}"),
+        (
+            cfg.optim.loss_resolution in LOSS_RESOLUTIONS,
+            f"optim.loss_resolution: expected one of {list(LOSS_RESOLUTIONS)}, "
+            f"got {cfg.optim.loss_resolution!r}",
+        ),
+        (0 <= cfg.self_training.ema_alpha < 1, "self_training.ema_alpha: expected in [0, 1)"),
+        (0 <= cfg.self_training.pseudo_threshold < 1, "self_training.pseudo_threshold: expected in [0, 1)"),
+        (cfg.blda.components > 0, f"blda.components: expected > 0, got {cfg.blda.components}"),
+        (cfg.blda.em_steps > 0, f"blda.em_steps: expected > 0, got {cfg.blda.em_steps}"),
+        (0 <= cfg.blda.momentum < 1, f"blda.momentum: expected in [0, 1), got {cfg.blda.momentum}"),
+        (0 < cfg.blda.eps < 0.5, f"blda.eps: expected in (0, 0.5), got {cfg.blda.eps}"),
+        (cfg.blda.table_every > 0, "blda.table_every: expected > 0"),
+        (cfg.blda.table_knots >= 16, "blda.table_knots: expected >= 16"),
+        (cfg.blda.samples_per_class > 0, "blda.samples_per_class: expected > 0"),
+        (cfg.blda.cdf_weight >= 0, "blda.cdf_weight: expected >= 0"),
+        (
+            not cfg.blda.enabled or cfg.self_training.enabled,
+            "blda.enabled: expected self_training.enabled = true (BLDA corrects the self-training losses)",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg
+
+
+def load_config(
+    arm: str, path: str | Path | None = None, overrides: Iterable[str] = (), seed: int | None = None
+) -> TrainConfig:
+    cfg = preset(arm)
+    if path is not None:
+        cfg = _apply(cfg, read_config_file(path), "", f"{path}: ")
+    cfg = _apply(cfg, parse_overrides(overrides), "", "--set ")
+    if seed is not None:
+        cfg = replace(cfg, seed=seed)
+    return validate(cfg)
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Inverse of to_dict (checkpoints, manifests)."""
+    return validate(_apply(TrainConfig(), data, "", "config: "))

@@ -1,0 +1,203 @@
+"""torch Dataset wrappers and collation around the data helper's numpy loaders.
+
+Every random choice of a sample (scale, crop, flip) comes from a seed carried in the index, so a batch is a
+pure function of (run seed, iteration, process rank): resumed and multi-process runs draw exactly the batches
+an uninterrupted run draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.networks import images_to_tensor
+
+IGNORE_INDEX = 255
+
+
+class NumpySample(Protocol):
+    image: np.ndarray  # (H, W, 3) uint8
+    label: np.ndarray | None  # (H, W) uint8 train ids
+
+
+class NumpyDataset(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> Any: ...
+
+
+def resize_pair(
+    image: np.ndarray, label: np.ndarray | None, scale: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Bilinear image, nearest label; scale 1 returns the inputs."""
+    if scale == 1.0:
+        return image, label
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    lab = None if label is None else np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
+    return img, lab
+
+
+def random_crop(
+    image: np.ndarray, label: np.ndarray | None, height: int, width: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Crop (padding with 0 / ignore where the image is smaller)."""
+    h, w = image.shape[:2]
+    if h < height or w < width:
+        ph, pw = max(0, height - h), max(0, width - w)
+        image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
+        if label is not None:
+            label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
+        h, w = image.shape[:2]
+    y = int(rng.integers(0, h - height + 1))
+    x = int(rng.integers(0, w - width + 1))
+    image = image[y : y + height, x : x + width]
+    label = None if label is None else label[y : y + height, x : x + width]
+    return image, label
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    height: int = 128
+    width: int = 256
+    scale_min: float = 0.5
+    scale_max: float = 0.5
+    flip: bool = True
+
+
+class TrainCrops(torch.utils.data.Dataset):
+    """Random scale, crop and flip of a numpy dataset; index = (sample index, seed)."""
+
+    def __init__(self, base: NumpyDataset, spec: CropSpec, labelled: bool = True, cache: bool = True) -> None:
+        self.base = base
+        self.spec = spec
+        self.labelled = labelled
+        # With a fixed scale the decoded, rescaled sample is the same every time: keep it (PNG decoding
+        # and resizing would otherwise cost as much as a forward pass on 2 cores).
+        self.cache = cache and spec.scale_min == spec.scale_max
+        self._cached: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def _scaled(self, index: int, scale: float) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.cache and index in self._cached:
+            return self._cached[index]
+        sample = self.base[index]
+        pair = resize_pair(sample.image, sample.label if self.labelled else None, scale)
+        if self.cache:
+            self._cached[index] = pair
+        return pair
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
+        index, seed = key
+        rng = np.random.default_rng(seed)
+        scale = float(rng.uniform(self.spec.scale_min, self.spec.scale_max))
+        image, label = self._scaled(index, scale)
+        image, label = random_crop(image, label, self.spec.height, self.spec.width, rng)
+        if self.spec.flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+            label = None if label is None else label[:, ::-1]
+        out: dict[str, np.ndarray] = {"image": np.ascontiguousarray(image)}
+        if label is not None:
+            out["label"] = np.ascontiguousarray(label)
+        return out
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """Whole images resized by `scale` (labels nearest), for evaluation."""
+
+    def __init__(self, base: NumpyDataset, scale: float = 0.5, limit: int = 0) -> None:
+        self.base = base
+        self.scale = scale
+        self.limit = limit
+
+    def __len__(self) -> int:
+        n = len(self.base)
+        return min(n, self.limit) if self.limit > 0 else n
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        sample = self.base[index]
+        image, label = resize_pair(sample.image, sample.label, self.scale)
+        assert label is not None
+        return {"image": image, "label": label}
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor  # (N, 3, H, W) normalised float32
+    labels: torch.Tensor | None  # (N, H, W) int64, IGNORE_INDEX where unlabelled
+
+
+def collate(items: Sequence[dict[str, np.ndarray]]) -> Batch:
+    images = images_to_tensor(np.stack([it["image"] for it in items]))
+    labels = None
+    if all("label" in it and it["label"] is not None for it in items):
+        labels = torch.from_numpy(np.stack([it["label"] for it in items]).astype(np.int64))
+    return Batch(images=images, labels=labels)
+
+
+class Subset:
+    """A numpy dataset restricted to some indices (e.g. target train minus the tuning split)."""
+
+    def __init__(self, base: NumpyDataset, indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.base[self.indices[index]]
+
+
+def split_tuning(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """Deterministic split of target train: (training indices, held-out tuning indices), every k-th image."""
+    if fraction <= 0 or n < 2:
+        return list(range(n)), []
+    step = max(2, round(1 / fraction))
+    tuning = list(range(step - 1, n, step))
+    held = set(tuning)
+    return [i for i in range(n) if i not in held], tuning
+
+
+def iteration_seed(seed: int, iteration: int, rank: int, stream: int) -> int:
+    """A 63-bit seed for one (run, iteration, process, purpose)."""
+    ss = np.random.SeedSequence([seed, iteration, rank, stream])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def draw_indices(n: int, batch: int, seed: int, weights: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """`batch` (index, sample seed) keys; `weights` (n,) for non-uniform (rare-class) sampling."""
+    rng = np.random.default_rng(seed)
+    if weights is None:
+        idx = rng.integers(0, n, size=batch)
+    else:
+        idx = rng.choice(n, size=batch, p=weights / weights.sum())
+    seeds = rng.integers(0, 2**62, size=batch)
+    return [(int(i), int(s)) for i, s in zip(idx, seeds, strict=True)]
+
+
+def open_domains(data_dir: str | Path, source: str, target: str, tuning_fraction: float) -> dict[str, Any]:
+    """The numpy datasets of a run: source (GTA5 layout), target train minus the tuning split, the tuning
+    split and target val (Cityscapes layout), under data_dir. Errors name the missing folder."""
+    from training.data.datasets import CityscapesDataset, Gta5Dataset
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: expected a data folder (see `blda synth`), got no such folder")
+    src = Gta5Dataset(root / source)
+    tgt_all = CityscapesDataset(root / target, split="train")
+    train_idx, tuning_idx = split_tuning(len(tgt_all), tuning_fraction)
+    return {
+        "source": src,
+        "target_train": Subset(tgt_all, train_idx),
+        "target_tuning": Subset(tgt_all, tuning_idx),
+        "target_val": CityscapesDataset(root / target, split="val"),
+    }

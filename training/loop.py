@@ -1,0 +1,517 @@
+"""The training loop: source-only, self-training (DACS-style) and self-training + BLDA.
+
+`train_step` only orchestrates the components (gmm, losses, teacher, pseudo_labels, mixing). All randomness
+of iteration i comes from generators seeded by (seed, i, rank), and the global torch RNG (dropout) is reseeded
+the same way, so a resumed run continues exactly and a run is deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training import distributed as dist_utils
+from training.checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.config import TrainConfig
+from training.datasets import (
+    Batch,
+    CropSpec,
+    EvalImages,
+    NumpyDataset,
+    TrainCrops,
+    collate,
+    draw_indices,
+    iteration_seed,
+)
+from training.gmm import (
+    Anchors,
+    AnchorTable,
+    GmmState,
+    OnlineGmmConfig,
+    ShiftTable,
+    build_anchors,
+    build_shift_table,
+    calibrated_scores,
+    gmm_cdf,
+    shift_for_labels,
+    update_gmm,
+)
+from training.losses import cdf_loss, corrected_cross_entropy, weighted_cross_entropy
+from training.mixing import class_masks, classmix, strong_augment
+from training.networks import IMAGE_MEAN, IMAGE_STD, build_network
+from training.pseudo_labels import pseudo_labels_from_probs, teacher_probabilities
+from training.teacher import EmaTeacher, ema_alpha
+
+IGNORE_INDEX = 255
+STREAM_SOURCE, STREAM_TARGET, STREAM_STEP = 1, 2, 3
+
+
+@dataclass
+class Domains:
+    """The numpy datasets of a run; rcs_weights (len(source),) for rare-class sampling, or None."""
+
+    source: NumpyDataset
+    target_train: NumpyDataset
+    target_val: NumpyDataset
+    rcs_weights: np.ndarray | None = None
+
+
+@dataclass
+class TrainState:
+    model: nn.Module  # the student, possibly wrapped in DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    teacher: EmaTeacher | None = None
+    gmm_source: GmmState | None = None
+    gmm_target: GmmState | None = None
+    iteration: int = 0  # iterations completed
+    anchors: Anchors | None = None
+    shift_source: ShiftTable | None = None
+    shift_target: ShiftTable | None = None
+
+
+@dataclass
+class StepContext:
+    cfg: TrainConfig
+    domains: Domains
+    rank: int = 0
+    world_size: int = 1
+    reduce: Callable[[torch.Tensor], torch.Tensor] = dist_utils.all_reduce_sum
+    gather: Callable[[torch.Tensor], torch.Tensor] = dist_utils.all_gather_cat
+    crops: dict[str, TrainCrops] = field(default_factory=dict)
+
+
+def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then polynomial decay to 0 at the last iteration."""
+    warm, total, power = cfg.optim.warmup_iters, cfg.optim.iterations, cfg.optim.poly_power
+
+    def factor(it: int) -> float:
+        if it < warm:
+            return (it + 1) / warm
+        return max(0.0, 1.0 - (it - warm) / max(1, total - warm)) ** power
+
+    return factor
+
+
+def gmm_config(cfg: TrainConfig) -> OnlineGmmConfig:
+    b = cfg.blda
+    return OnlineGmmConfig(
+        components=b.components,
+        em_steps=b.em_steps,
+        samples_per_class=b.samples_per_class,
+        momentum=b.momentum,
+        momentum_ramp_iters=b.momentum_ramp_iters,
+        catchup_after=b.catchup_after,
+        catchup_momentum=b.catchup_momentum,
+    )
+
+
+def build_state(cfg: TrainConfig, world_size: int = 1, rank: int = 0) -> TrainState:
+    torch.manual_seed(cfg.seed)
+    model = build_network(cfg.model.network, cfg.model.num_classes)
+    teacher = EmaTeacher(model) if cfg.self_training.enabled else None
+    info = dist_utils.DistInfo(rank=rank, world_size=world_size, local_rank=rank)
+    wrapped = dist_utils.wrap_ddp(model, info)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    gs = gt = None
+    if cfg.blda.enabled:
+        gs = GmmState.empty(cfg.model.num_classes, cfg.blda.components)
+        gt = GmmState.empty(cfg.model.num_classes, cfg.blda.components)
+    return TrainState(wrapped, optimizer, scheduler, teacher, gs, gt)
+
+
+def _crops(ctx: StepContext) -> dict[str, TrainCrops]:
+    if not ctx.crops:
+        d = ctx.cfg.data
+        spec = CropSpec(d.crop_height, d.crop_width, d.scale_min, d.scale_max)
+        ctx.crops["source"] = TrainCrops(ctx.domains.source, spec, labelled=True)
+        ctx.crops["target"] = TrainCrops(ctx.domains.target_train, spec, labelled=False)
+    return ctx.crops
+
+
+def load_batches(ctx: StepContext, iteration: int) -> tuple[Batch, Batch | None]:
+    cfg = ctx.cfg
+    crops = _crops(ctx)
+    keys = draw_indices(
+        len(crops["source"]),
+        cfg.data.batch_source,
+        iteration_seed(cfg.seed, iteration, ctx.rank, STREAM_SOURCE),
+        ctx.domains.rcs_weights if cfg.data.rare_class_sampling else None,
+    )
+    source = collate([crops["source"][k] for k in keys])
+    target = None
+    if cfg.self_training.enabled:
+        tkeys = draw_indices(
+            len(crops["target"]),
+            cfg.data.batch_target,
+            iteration_seed(cfg.seed, iteration, ctx.rank, STREAM_TARGET),
+        )
+        target = collate([crops["target"][k] for k in tkeys])
+    return source, target
+
+
+def _down_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(N, H, W) -> (N, h, w) nearest."""
+    if labels.shape[-2:] == size:
+        return labels
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+def _pixels(logits: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N·h·w, C) detached."""
+    return logits.detach().permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+
+
+def _loss_inputs(logits: torch.Tensor, labels: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels at the loss resolution: upsampled logits (full) or downsampled labels."""
+    if full:
+        return F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False), labels
+    return logits, _down_labels(labels, logits.shape[-2:])
+
+
+def _shift(
+    logits_low: torch.Tensor,  # (N, C, h, w)
+    labels_low: torch.Tensor,  # (N, h, w)
+    table: ShiftTable,
+    size: Sequence[int] | None,
+) -> torch.Tensor:
+    """Δ_{y,l}(z_l) at the logits' resolution (where the logits live; upsampled logits interpolate them),
+    upsampled like the logits when the loss is computed at full resolution."""
+    delta = shift_for_labels(logits_low, labels_low, table)  # (N, C, h, w)
+    if size is not None and delta.shape[-2:] != size:
+        delta = F.interpolate(delta, size=tuple(size), mode="bilinear", align_corners=False)
+    return delta
+
+
+def _cdf_targets(logits_low: torch.Tensor, labels_low: torch.Tensor, gmm: GmmState) -> torch.Tensor:
+    """F_yy(z_y) per pixel: (N, h, w), 0 where unlabelled."""
+    with torch.no_grad():
+        c = logits_low.shape[1]
+        valid = (labels_low >= 0) & (labels_low < c)
+        y = torch.where(valid, labels_low, torch.zeros_like(labels_low))
+        zy = torch.gather(logits_low.detach(), 1, y[:, None])[:, 0].double()  # (N, h, w)
+        w, m, s = gmm.weights[y, y], gmm.means[y, y], gmm.stds[y, y]  # (N, h, w, K)
+        q = gmm_cdf(zy[..., None], w, m, s)[..., 0]
+        return torch.where(valid, q, torch.zeros_like(q)).float()
+
+
+def refresh_tables(state: TrainState, cfg: TrainConfig) -> None:
+    assert state.gmm_source is not None and state.gmm_target is not None
+    if not bool(state.gmm_source.initialized.diagonal().any()):
+        return
+    b = cfg.blda
+    state.anchors = build_anchors(state.gmm_source)
+    state.shift_source = build_shift_table(state.gmm_source, state.anchors, b.table_knots, b.eps)
+    state.shift_target = build_shift_table(state.gmm_target, state.anchors, b.table_knots, b.eps)
+
+
+def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
+    cfg = ctx.cfg
+    it = state.iteration
+    st, b = cfg.self_training, cfg.blda
+    torch.manual_seed(iteration_seed(cfg.seed, it, ctx.rank, STREAM_STEP))  # dropout
+    gen = torch.Generator().manual_seed(iteration_seed(cfg.seed, it, ctx.rank, STREAM_STEP + 1))
+    full = cfg.optim.loss_resolution == "full"
+    source, target = load_batches(ctx, it)
+    assert source.labels is not None
+    model = state.model
+    model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    metrics: dict[str, float] = {}
+    gcfg = gmm_config(cfg)
+    correcting = b.enabled and it >= b.start_iter and state.shift_source is not None
+
+    # Source: (corrected) CE on labelled source images.
+    out = model(source.images)
+    low = out.logits.shape[-2:]
+    src_low = _down_labels(source.labels, low)
+    if b.enabled:
+        assert state.gmm_source is not None
+        state.gmm_source = update_gmm(
+            state.gmm_source, _pixels(out.logits), src_low.reshape(-1), it, gcfg, gen, ctx.reduce, ctx.gather
+        )
+    logits, labels = _loss_inputs(out.logits, source.labels, full)
+    if correcting and b.correct_source:
+        assert state.shift_source is not None
+        delta = _shift(out.logits, src_low, state.shift_source, labels.shape[-2:] if full else None)
+        loss_src = corrected_cross_entropy(logits, labels, delta, b.t)
+    else:
+        loss_src = weighted_cross_entropy(logits, labels)
+    if b.enabled and b.cdf_weight > 0 and state.gmm_source is not None:
+        valid = (src_low != IGNORE_INDEX) & state.gmm_source.initialized.diagonal()[
+            src_low.clamp_max(cfg.model.num_classes - 1)
+        ]
+        loss_src = loss_src + b.cdf_weight * cdf_loss(
+            out.cdf, _cdf_targets(out.logits, src_low, state.gmm_source), valid
+        )
+    loss_src.backward()
+    metrics["loss_source"] = float(loss_src.detach())
+
+    # Target: ClassMix of source into target with the teacher's pseudo-labels.
+    if st.enabled and target is not None and it >= st.start_iter:
+        assert state.teacher is not None
+        t_logits = state.teacher(target.images)
+        size = (target.images.shape[-2], target.images.shape[-1])
+        scores = None
+        if correcting and b.correct_pseudo_labels and state.shift_target is not None:
+            table = state.shift_target
+
+            def scores(z: torch.Tensor) -> torch.Tensor:
+                return calibrated_scores(z, table, b.pseudo_tau, b.pseudo_top_k)
+
+        probs = teacher_probabilities(t_logits, size, scores)
+        pl = pseudo_labels_from_probs(probs, st.pseudo_threshold, ctx.reduce)
+        ramp = min(1.0, (it - st.start_iter + 1) / max(1, st.ramp_iters))
+        mask = (
+            class_masks(source.labels, gen)
+            if st.classmix
+            else torch.zeros_like(source.labels, dtype=torch.bool)
+        )
+        mixed = classmix(source.images, source.labels, target.images, pl.labels, pl.weight, mask)
+        mean, std = torch.tensor(IMAGE_MEAN), torch.tensor(IMAGE_STD)
+        images = strong_augment(mixed.images, mean, std, cfg.data.color_jitter, cfg.data.blur, gen)
+        out_m = model(images)
+        low_m = out_m.logits.shape[-2:]
+        mix_low = _down_labels(mixed.labels, low_m)
+        src_mask_low = _down_labels(mixed.source_mask.long(), low_m).bool()
+        if b.enabled and b.track_target:
+            assert state.gmm_target is not None
+            tgt_only = torch.where(src_mask_low, torch.full_like(mix_low, IGNORE_INDEX), mix_low)
+            state.gmm_target = update_gmm(
+                state.gmm_target,
+                _pixels(out_m.logits),
+                tgt_only.reshape(-1),
+                it,
+                gcfg,
+                gen,
+                ctx.reduce,
+                ctx.gather,
+            )
+        logits_m, labels_m = _loss_inputs(out_m.logits, mixed.labels, full)
+        weights = mixed.weights if full else _down_weights(mixed.weights, low_m)
+        weights = weights * ramp
+        if correcting and (b.correct_source or b.correct_target):
+            assert state.shift_source is not None and state.shift_target is not None
+            out_size = labels_m.shape[-2:] if full else None
+            d_src = _shift(out_m.logits, mix_low, state.shift_source, out_size)
+            d_tgt = _shift(out_m.logits, mix_low, state.shift_target, out_size)
+            dom = mixed.source_mask if full else src_mask_low
+            zero = torch.zeros_like(d_src)
+            delta = torch.where(
+                dom[:, None], d_src if b.correct_source else zero, d_tgt if b.correct_target else zero
+            )
+            loss_mix = corrected_cross_entropy(logits_m, labels_m, delta, b.t, weights)
+        else:
+            loss_mix = weighted_cross_entropy(logits_m, labels_m, weights)
+        loss_mix.backward()
+        metrics["loss_mix"] = float(loss_mix.detach())
+        metrics["pseudo_weight"] = pl.weight
+
+    if cfg.optim.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    if state.teacher is not None:
+        state.teacher.update(dist_utils.unwrap(model), ema_alpha(it, st.ema_alpha))
+    state.iteration = it + 1
+    if b.enabled and (state.iteration % b.table_every == 0 or state.shift_source is None):
+        refresh_tables(state, cfg)
+    metrics["lr"] = state.optimizer.param_groups[0]["lr"]
+    return metrics
+
+
+def _down_weights(weights: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return F.interpolate(weights[:, None], size=tuple(size), mode="nearest")[:, 0]
+
+
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> logits upsampled to (N, C, H, W)."""
+    logits = model(images).logits
+    return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: EvalImages, num_classes: int, batch: int = 4) -> dict[str, Any]:
+    """mIoU, per-class IoU, class-IoU std and Bias(l) on whole images (calibration.bias)."""
+    from calibration.bias import bias_from_confusion, confusion_matrix, iou_from_confusion
+
+    net = dist_utils.unwrap(model)
+    was_training = net.training
+    net.eval()
+    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for start in range(0, len(dataset), batch):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch))]
+        b = collate(items)
+        assert b.labels is not None
+        pred = predict(net, b.images).argmax(1).numpy()
+        conf += confusion_matrix(pred, b.labels.numpy(), num_classes)
+    net.train(was_training)
+    iou = iou_from_confusion(conf)
+    return {
+        "miou": float(np.nanmean(iou) * 100),
+        "class_iou": [None if math.isnan(v) else float(v * 100) for v in iou],
+        "class_iou_std": float(np.nanstd(iou) * 100),
+        "bias": [float(v) for v in bias_from_confusion(conf)],
+        "images": len(dataset),
+    }
+
+
+def _checkpoint(state: TrainState, cfg: TrainConfig, metrics: dict[str, Any]) -> Checkpoint:
+    return Checkpoint(
+        config=cfg,
+        iteration=state.iteration,
+        model=dist_utils.unwrap(state.model).state_dict(),
+        teacher=state.teacher.state_dict() if state.teacher is not None else None,
+        optimizer=state.optimizer.state_dict(),
+        scheduler=state.scheduler.state_dict(),
+        gmm_source=state.gmm_source,
+        gmm_target=state.gmm_target,
+        rng=rng_state(),
+        tables=_tables_dict(state),
+        metrics=metrics,
+    )
+
+
+def restore(state: TrainState, ckpt: Checkpoint, cfg: TrainConfig) -> None:
+    dist_utils.unwrap(state.model).load_state_dict(ckpt.model)
+    if state.teacher is not None and ckpt.teacher is not None:
+        state.teacher.load_state_dict(ckpt.teacher)
+    if ckpt.optimizer is not None:
+        state.optimizer.load_state_dict(ckpt.optimizer)
+    if ckpt.scheduler is not None:
+        state.scheduler.load_state_dict(ckpt.scheduler)
+    state.gmm_source, state.gmm_target = ckpt.gmm_source, ckpt.gmm_target
+    state.iteration = ckpt.iteration
+    if ckpt.rng is not None:
+        set_rng_state(ckpt.rng)
+    if ckpt.tables is not None:
+        _load_tables(state, ckpt.tables)
+
+
+def _tables_dict(state: TrainState) -> dict[str, torch.Tensor] | None:
+    if state.anchors is None or state.shift_source is None or state.shift_target is None:
+        return None
+    out = {
+        "anchor_pos_x": state.anchors.positive.x,
+        "anchor_pos_p": state.anchors.positive.p,
+        "anchor_neg_x": state.anchors.negative.x,
+        "anchor_neg_p": state.anchors.negative.p,
+    }
+    for name, table in (("source", state.shift_source), ("target", state.shift_target)):
+        out.update({f"{name}_lo": table.lo, f"{name}_step": table.step, f"{name}_delta": table.delta})
+    return out
+
+
+def _load_tables(state: TrainState, t: dict[str, torch.Tensor]) -> None:
+    state.anchors = Anchors(
+        AnchorTable(t["anchor_pos_x"], t["anchor_pos_p"]), AnchorTable(t["anchor_neg_x"], t["anchor_neg_p"])
+    )
+    state.shift_source = ShiftTable(t["source_lo"], t["source_step"], t["source_delta"])
+    state.shift_target = ShiftTable(t["target_lo"], t["target_step"], t["target_delta"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (third-party code draws from the global RNG)
+    torch.manual_seed(seed)
+
+
+def run_training(
+    cfg: TrainConfig,
+    domains: Domains,
+    out_dir: str | Path,
+    resume: bool = False,
+    stop_at: int | None = None,
+    evaluate_at_end: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) training; writes out_dir/{config.json, metrics.jsonl, checkpoint.pt, last.pt,
+    eval.json}. `stop_at` ends early after that many iterations (tests of exact resume)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = dist_utils.init_from_env()
+    seed_everything(cfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    state = build_state(cfg, info.world_size, info.rank)
+    ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.config != cfg:
+            cfg = replace(ckpt.config)
+        restore(state, ckpt, cfg)
+    ctx = StepContext(cfg=cfg, domains=domains, rank=info.rank, world_size=info.world_size)
+    if info.is_main:
+        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+    total = cfg.optim.iterations if stop_at is None else min(stop_at, cfg.optim.iterations)
+    log = (out / "metrics.jsonl").open("a") if info.is_main else None
+    bar = _progress(cfg, info.is_main, state.iteration, total)
+    eval_set = EvalImages(domains.target_val, cfg.data.eval_scale, cfg.data.val_limit)
+    running: dict[str, float] = {}
+    started = time.perf_counter()
+    last_eval: dict[str, Any] = {}
+    try:
+        while state.iteration < total:
+            t0 = time.perf_counter()
+            m = train_step(state, ctx)
+            m["step_seconds"] = time.perf_counter() - t0
+            for k, v in m.items():
+                running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+            it = state.iteration
+            if cfg.log.eval_every > 0 and it % cfg.log.eval_every == 0 and it < total:
+                last_eval = evaluate(state.model, eval_set, cfg.model.num_classes)
+            if log is not None and (it % cfg.log.log_every == 0 or it == total):
+                record = {"iteration": it, **{k: round(v, 6) for k, v in m.items()}}
+                if last_eval:
+                    record["miou"] = last_eval["miou"]
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if bar is not None:
+                shown: dict[str, str] = {
+                    k: f"{running[k]:.3f}" for k in ("loss_source", "loss_mix") if k in running
+                }
+                if last_eval:
+                    shown["mIoU"] = f"{last_eval['miou']:.1f}"
+                bar.set_postfix(shown, refresh=False)
+                bar.update(1)
+            if info.is_main and it % cfg.log.checkpoint_every == 0 and it < total:
+                save_checkpoint(ckpt_path, _checkpoint(state, cfg, last_eval))
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    train_seconds = time.perf_counter() - started
+    result: dict[str, Any] = {"iteration": state.iteration, "train_seconds": train_seconds}
+    if evaluate_at_end and state.iteration >= cfg.optim.iterations and info.is_main:
+        result.update(evaluate(state.model, eval_set, cfg.model.num_classes))
+        (out / "eval.json").write_text(json.dumps({**result, "arm": cfg.arm, "seed": cfg.seed}, indent=2))
+    if info.is_main:
+        save_checkpoint(ckpt_path, _checkpoint(state, cfg, result))
+    dist_utils.barrier()
+    result["state"] = state
+    return result
+
+
+def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    from training.config import to_dict
+
+    return to_dict(cfg)
+
+
+def _progress(cfg: TrainConfig, main: bool, start: int, total: int) -> Any:
+    if not (main and cfg.log.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=cfg.arm, unit="it", dynamic_ncols=True)

@@ -1,0 +1,45 @@
+"""Exponential-moving-average teacher (a small standalone module, after timm's ModelEmaV2)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_alpha(iteration: int, alpha: float) -> float:
+    """Ramp (DACS): the teacher follows the student closely at first, at most `alpha`."""
+    return min(1.0 - 1.0 / (iteration + 1), alpha)
+
+
+class EmaTeacher:
+    """Holds a frozen copy of the student; `update` blends the student's parameters and buffers in."""
+
+    def __init__(self, student: nn.Module) -> None:
+        self.module = copy.deepcopy(student)
+        self.module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, alpha: float) -> None:
+        for p, s in zip(self.module.parameters(), student.parameters(), strict=True):
+            p.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+        for t, sb in zip(self.module.buffers(), student.buffers(), strict=True):
+            if t.dtype.is_floating_point:
+                t.mul_(alpha).add_(sb.detach(), alpha=1.0 - alpha)
+            else:
+                t.copy_(sb)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> teacher logits (N, C, h, w), in eval mode."""
+        self.module.eval()
+        return self.module(images).logits
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
