@@ -186,7 +186,7 @@ def write_calibration(path: str | Path, tables: CalibrationTables) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
-        np.savez_compressed(f, **tables.to_arrays())
+        np.savez_compressed(f, **tables.to_arrays())  # type: ignore[arg-type]
     return path
 
 
@@ -198,7 +198,9 @@ def read_calibration(path: str | Path) -> CalibrationTables:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise BundleError(path, "", f"expected a readable .npz archive, got a corrupted file ({exc})") from exc
+        raise BundleError(
+            path, "", f"expected a readable .npz archive, got a corrupted file ({exc})"
+        ) from exc
     try:
         return CalibrationTables.from_arrays(arrays)
     except CalibrationFormatError as exc:
@@ -246,15 +248,21 @@ def load_bundle(directory: str | Path) -> Bundle:
     manifest = read_manifest(directory / MANIFEST_FILE)
     manifest_path = directory / MANIFEST_FILE
     if MODEL_FILE not in manifest.files:
-        raise BundleError(manifest_path, "files", f"expected a sha256 entry for {MODEL_FILE}, but it is missing")
+        raise BundleError(
+            manifest_path, "files", f"expected a sha256 entry for {MODEL_FILE}, but it is missing"
+        )
     for file_name, expected in manifest.files.items():
         file_path = directory / file_name
         if not file_path.is_file():
-            raise BundleError(file_path, "", f"expected the file listed in {MANIFEST_FILE}, but it is missing")
+            raise BundleError(
+                file_path, "", f"expected the file listed in {MANIFEST_FILE}, but it is missing"
+            )
         actual = sha256_file(file_path)
         if actual != expected:
             raise BundleError(
-                file_path, "sha256", f"expected {expected} (from {MANIFEST_FILE}), got {actual}: the file changed"
+                file_path,
+                "sha256",
+                f"expected {expected} (from {MANIFEST_FILE}), got {actual}: the file changed",
             )
     tables = None
     if CALIBRATION_FILE in manifest.files:
@@ -267,7 +275,9 @@ def load_bundle(directory: str | Path) -> Bundle:
             )
     if manifest.calibration is not None and tables is None:
         raise BundleError(
-            manifest_path, "calibration", f"expected {CALIBRATION_FILE} since the manifest has a calibration section"
+            manifest_path,
+            "calibration",
+            f"expected {CALIBRATION_FILE} since the manifest has a calibration section",
         )
     return Bundle(directory=directory, manifest=manifest, model_path=directory / MODEL_FILE, tables=tables)
 
