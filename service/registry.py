@@ -135,6 +135,8 @@ class ModelRegistry:
             name = self.default_name
             if name is None:
                 raise NotReady(f"no model found in {self.models_dir}")
+            if name not in self._states:
+                raise NotReady(f"the default model {name!r} is not in {self.models_dir}")
         model = self.get(name).active_model
         if model is None:
             raise NotReady(f"model {name!r} has no loadable version")

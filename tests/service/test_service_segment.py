@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from service_helpers import ADMIN_KEY, NUM_CLASSES, encode, png_bytes, png_header_only, scene, settings_for
 
@@ -226,7 +229,7 @@ BAD_REQUESTS = [
 def test_bad_input_gets_its_status_and_problem(
     client: TestClient, route: str, case: str, query: str, kwargs: dict[str, object], status: int, slug: str
 ) -> None:
-    response = client.post(route + query, **kwargs)  # type: ignore[arg-type]
+    response = client.post(route + query, **kwargs)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
@@ -248,7 +251,7 @@ def test_byte_limit_from_content_length_and_while_reading(models_dir: Path) -> N
             for start in range(0, len(big), 1000):
                 yield big[start : start + 1000]
 
-        streamed = client.post("/v1/segment", content=chunks(), headers=PNG)  # type: ignore[arg-type]
+        streamed = client.post("/v1/segment", content=chunks(), headers=PNG)
         assert streamed.status_code == 413
         multipart = client.post("/v1/segment", files={"file": ("a.png", big, "image/png")})
         assert multipart.status_code == 413
@@ -298,3 +301,35 @@ def test_openapi_docs_and_demo_page(client: TestClient) -> None:
 def test_admin_key_is_not_needed_for_segmenting(client: TestClient) -> None:
     headers = {**PNG, "X-API-Key": ADMIN_KEY}
     assert client.post("/v1/segment", content=VALID, headers=headers).status_code == 200
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF\x00\x00\x00\x00WEBPVP8 "]),
+    body=st.binary(max_size=600),
+    cut=st.integers(0, len(VALID)),
+)
+def test_arbitrary_bytes_never_cause_a_server_error(
+    client: TestClient, prefix: bytes, body: bytes, cut: int
+) -> None:
+    for data in (prefix + body, VALID[:cut] + body):
+        response = client.post("/v1/segment", content=data, headers=PNG)
+        assert response.status_code in (200, 422), response.text
+        if response.status_code == 422:
+            assert response.json()["type"] in ("/problems/invalid-image", "/problems/image-too-large")
+
+
+def test_micro_batching_gives_the_same_masks(models_dir: Path) -> None:
+    images = [png_bytes(scene(64, 96, seed=s)) for s in range(6)]
+    with TestClient(create_app(settings_for(models_dir))) as plain:
+        expected = [mask_of(plain.post("/v1/segment", content=data, headers=PNG)) for data in images]
+    batched_settings = settings_for(
+        models_dir, batch_max_size=4, batch_max_wait_ms=20.0, max_concurrent_inferences=2
+    )
+    with TestClient(create_app(batched_settings)) as batched, ThreadPoolExecutor(6) as pool:
+        responses = list(
+            pool.map(lambda data: batched.post("/v1/segment", content=data, headers=PNG), images)
+        )
+    for response, mask in zip(responses, expected, strict=True):
+        assert response.status_code == 200
+        assert np.array_equal(mask_of(response), mask)

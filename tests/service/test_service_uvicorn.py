@@ -1,0 +1,141 @@
+"""The real thing: `blda serve` (uvicorn) on 127.0.0.1, posted to with httpx."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from service_helpers import ADMIN_KEY, png_bytes, scene
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(
+    models_dir: Path, port: int, workers: int = 1, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "blda", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command += [
+        "--workers",
+        str(workers),
+        "--models-dir",
+        str(models_dir),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    environment = {
+        **os.environ,
+        "BLDA_ADMIN_API_KEY": ADMIN_KEY,
+        "BLDA_DEFAULT_MODEL": "tiny",
+        "BLDA_INTRA_OP_THREADS": "1",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def wait_ready(process: subprocess.Popen[bytes], base: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read().decode() if process.stdout else ""
+            raise AssertionError(f"server exited with {process.returncode}:\n{output}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"server not ready within {timeout_s} s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> str:
+    process.send_signal(signal.SIGINT)
+    try:
+        output, _ = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate(timeout=10)
+    return output.decode()
+
+
+@pytest.fixture
+def server(models_dir: Path) -> Iterator[str]:
+    port = free_port()
+    process = start_server(models_dir, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(process, base)
+        yield base
+    finally:
+        stop(process)
+
+
+@pytest.mark.e2e
+def test_real_server_segments_an_uploaded_image(server: str) -> None:
+    rgb = scene(75, 110, seed=11)
+    with httpx.Client(base_url=server, timeout=30.0) as http:
+        response = http.post("/v1/segment", files={"file": ("street.png", png_bytes(rgb), "image/png")})
+        assert response.status_code == 200, response.text
+        mask = np.asarray(Image.open(io.BytesIO(response.content)))
+        assert mask.shape == (75, 110) and mask.max() < 19
+        assert response.headers["x-model-version"] == "2" and response.headers["x-calibrated"] == "true"
+        assert "infer;dur=" in response.headers["server-timing"]
+        raw = http.post(
+            "/v1/segment?calibrate=false", content=png_bytes(rgb), headers={"content-type": "image/png"}
+        )
+        assert raw.status_code == 200 and raw.headers["x-calibrated"] == "false"
+        bad = http.post(
+            "/v1/segment", content=b"\x89PNG\r\n\x1a\nbroken", headers={"content-type": "image/png"}
+        )
+        assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
+        assert http.get("/docs").status_code == 200
+        assert http.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_real_server_with_two_workers(models_dir: Path) -> None:
+    port = free_port()
+    process = start_server(models_dir, port, workers=2)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(process, base, timeout_s=120)
+        with httpx.Client(base_url=base, timeout=30.0) as http:
+            for _ in range(6):
+                data = png_bytes(scene(40, 40))
+                response = http.post("/v1/segment", content=data, headers={"content-type": "image/png"})
+                assert response.status_code == 200
+    finally:
+        stop(process)
+
+
+def test_serve_rejects_a_missing_models_dir(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "blda", "serve", "--models-dir", str(tmp_path / "nope")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: --models-dir: expected a directory")
+    assert "Traceback" not in result.stderr
