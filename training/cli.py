@@ -81,8 +81,9 @@ def export_command(
     ] = None,
     limit: Annotated[int, typer.Option(help="Images per domain for offline calibration tables.")] = 200,
     input_size: Annotated[
-        str, typer.Option(help="HxW the service resizes images to, or 'none'.")
-    ] = "256x512",
+        str,
+        typer.Option(help="HxW the service resizes images to, 'none', or 'auto' (data size x eval scale)."),
+    ] = "auto",
     tau: Annotated[float, typer.Option(help="Default calibration strength τ in the manifest.")] = 0.2,
     tolerance: Annotated[float, typer.Option(help="Max |torch - onnxruntime| logit difference.")] = 1e-3,
     metrics: Annotated[Path | None, typer.Option(help="metrics.json of `blda evaluate` to record.")] = None,
@@ -91,7 +92,7 @@ def export_command(
     threads: Threads = 2,
 ) -> None:
     """Export a model to a bundle: ONNX (checked, parity-tested), calibration tables, manifest."""
-    size = _parse_size(input_size)
+    size: tuple[int, int] | str | None = "auto" if input_size == "auto" else _parse_size(input_size)
     with _errors_exit():
         from training.export import run_export
 
@@ -134,6 +135,10 @@ def evaluate_command(
     tau: Annotated[list[float] | None, typer.Option(help="Calibration strengths τ (repeatable).")] = None,
     limit: Annotated[int, typer.Option(help="At most this many images (0: all).")] = 0,
     source: Annotated[bool, typer.Option(help="Also evaluate on the source domain.")] = False,
+    input_scale: Annotated[
+        float | None,
+        typer.Option(help="Resize images by this factor (default: bundle size / checkpoint eval scale)."),
+    ] = None,
     threads: Threads = 2,
 ) -> None:
     """mIoU, per-class IoU, class-IoU std and Bias(l), raw and calibrated at each τ; JSON + PNG."""
@@ -154,6 +159,7 @@ def evaluate_command(
             taus=tuple(tau) if tau else (0.2,),
             limit=limit,
             with_source=source,
+            input_scale=input_scale,
             threads=threads,
         )
     _print_summary(metrics)

@@ -17,12 +17,14 @@ from calibration.distributions import fit_pair_gmms
 from training.evaluate import (
     PixelSampler,
     Predictor,
+    ResizingPredictor,
     TorchPredictor,
     accumulate_confusions,
     class_metrics,
     evaluate,
     load_split,
 )
+from training.export import LoadedModel
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -85,7 +87,7 @@ def diagnose(
 
 def _source_only_model(
     data: Path, checkpoint: Path | None, network: str | None, iterations: int, out: Path, seed: int
-) -> tuple[torch.nn.Module, dict[str, Any]]:
+) -> tuple[LoadedModel, dict[str, Any]]:
     """Load the given checkpoint, or train a source-only model with the training loop's defaults."""
     from training.export import load_model
 
@@ -107,7 +109,7 @@ def _source_only_model(
         trained_here = False
     loaded = load_model(checkpoint, network)
     desc = {"checkpoint": str(checkpoint), "network": loaded.network, "trained_here": trained_here}
-    return loaded.model, desc
+    return loaded, desc
 
 
 def run_diagnose(
@@ -126,10 +128,15 @@ def run_diagnose(
     from training.plots import plot_diagnosis
 
     torch.set_num_threads(threads)
-    model, desc = _source_only_model(data, checkpoint, network, iterations, out, seed)
-    names = list(CLASS_NAMES[: int(getattr(model, "num_classes", len(CLASS_NAMES)))])
+    loaded, desc = _source_only_model(data, checkpoint, network, iterations, out, seed)
+    names = list(CLASS_NAMES[: int(getattr(loaded.model, "num_classes", len(CLASS_NAMES)))])
+    predictor: Predictor = TorchPredictor(loaded.model)
+    if loaded.eval_scale is not None and loaded.eval_scale != 1.0:
+        # The scale the training loop evaluates at; logits are upsampled back to the full label size.
+        predictor = ResizingPredictor(predictor, scale=loaded.eval_scale)
+    desc["input_scale"] = loaded.eval_scale
     report = diagnose(
-        TorchPredictor(model),
+        predictor,
         load_split(data, "target", "val", limit),
         names,
         source_val=load_split(data, "source", "val", limit),

@@ -85,6 +85,36 @@ class OnnxPredictor:
         return np.asarray(logits, dtype=np.float32)
 
 
+class ResizingPredictor:
+    """Resizes uint8 images (bilinear, as training does) before the model: to a fixed (H, W) as the
+    service does with the manifest's input size, or by a factor as the training loop's evaluation does."""
+
+    def __init__(
+        self, inner: Predictor, size: tuple[int, int] | None = None, scale: float | None = None
+    ) -> None:
+        if (size is None) == (scale is None):
+            raise ValueError("expected exactly one of size or scale")
+        if scale is not None and scale <= 0:
+            raise ValueError(f"scale: expected > 0, got {scale}")
+        self.inner = inner
+        self.size = size
+        self.scale = scale
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.size is not None:
+            return self.size
+        assert self.scale is not None
+        return max(1, round(height * self.scale)), max(1, round(width * self.scale))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:  # (N, H, W, 3) uint8
+        from PIL import Image
+
+        h, w = self.target_size(images.shape[1], images.shape[2])
+        if (h, w) != images.shape[1:3]:
+            images = np.stack([np.asarray(Image.fromarray(i).resize((w, h), Image.Resampling.BILINEAR)) for i in images])
+        return self.inner(images)
+
+
 def upsample_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(N, C, h, w) -> (N, C, H, W), bilinear with half-pixel centres (as the networks' own upsampling)."""
     if logits.shape[-2:] == size:
@@ -258,8 +288,12 @@ def open_model(
     network: str | None = None,
     teacher: bool = False,
     threads: int = 2,
+    input_scale: float | None = None,
 ) -> tuple[ModelUnderTest, torch.nn.Module | None]:
-    """A predictor from a bundle (onnxruntime) or a checkpoint (torch); the torch module when there is one."""
+    """A predictor from a bundle (onnxruntime) or a checkpoint (torch); the torch module when there is one.
+
+    Images are resized before the model: by `input_scale` when given, else to the bundle's input size or
+    by the checkpoint's evaluation scale (data.eval_scale), else not at all."""
     from training.data.classes import CLASS_NAMES
 
     if bundle is not None:
@@ -267,8 +301,12 @@ def open_model(
 
         b = load_bundle(bundle)
         spec = b.manifest.input
-        predictor = OnnxPredictor(b.model_path, spec.mean, spec.std, spec.pixel_scale, threads)
-        desc = {
+        predictor: Predictor = OnnxPredictor(b.model_path, spec.mean, spec.std, spec.pixel_scale, threads)
+        if input_scale is not None:
+            predictor = ResizingPredictor(predictor, scale=input_scale)
+        elif spec.size is not None:
+            predictor = ResizingPredictor(predictor, size=spec.size)
+        desc: dict[str, Any] = {
             "bundle": str(bundle),
             "name": b.name,
             "version": b.version,
@@ -289,7 +327,12 @@ def open_model(
     if loaded.iteration is not None:
         desc["iteration"] = loaded.iteration
     names = list(CLASS_NAMES[: int(getattr(loaded.model, "num_classes", len(CLASS_NAMES)))])
-    return ModelUnderTest(TorchPredictor(loaded.model), loaded.tables, names, desc), loaded.model
+    scale = input_scale if input_scale is not None else loaded.eval_scale
+    desc["input_scale"] = scale
+    run: Predictor = TorchPredictor(loaded.model)
+    if scale is not None and scale != 1.0:
+        run = ResizingPredictor(run, scale=scale)
+    return ModelUnderTest(run, loaded.tables, names, desc), loaded.model
 
 
 def run_evaluate(
@@ -305,6 +348,7 @@ def run_evaluate(
     limit: int = 0,
     with_source: bool = False,
     fit_limit: int = 200,
+    input_scale: float | None = None,
     threads: int = 2,
 ) -> dict[str, Any]:
     """`blda evaluate`: writes OUT/metrics.json and OUT/metrics.png, returns the metrics."""
@@ -313,7 +357,7 @@ def run_evaluate(
     from training.plots import plot_evaluation
 
     torch.set_num_threads(threads)
-    mut, _ = open_model(checkpoint, bundle, network, teacher, threads)
+    mut, _ = open_model(checkpoint, bundle, network, teacher, threads, input_scale)
     tables, tables_from = mut.tables, ("bundle" if bundle is not None else "checkpoint GMM state")
     if tables is None and taus:
         # Post-hoc calibration of a model trained without GMMs (e.g. source-only): tables from its own

@@ -36,8 +36,10 @@ TRACE_SHAPE = (1, 3, 64, 96)
 PARITY_SIZES: tuple[tuple[int, int], ...] = ((96, 160), (128, 256))
 PARITY_BATCH = 2
 PARITY_TOLERANCE = 1e-3  # max |torch - onnxruntime| in logit units
-# Inputs the service resizes to; multiples of the networks' largest stride (32).
-DEFAULT_INPUT_SIZE = (256, 512)
+# Inputs the service resizes to: the benchmark's image size times the training loop's evaluation scale
+# (what the model saw), unless given; sides stay multiples of the networks' largest stride (32).
+BENCHMARK_IMAGE_SIZE = (256, 512)
+DEFAULT_INPUT_SIZE = (128, 256)
 MULTIPLE_OF = 32
 
 
@@ -241,6 +243,7 @@ class LoadedModel:
     tables: CalibrationTables | None = None  # from the checkpoint's GMM state, when it has one
     metrics: dict[str, Any] = field(default_factory=dict)
     iteration: int | None = None
+    eval_scale: float | None = None  # the training loop evaluates on images resized by this factor
 
 
 def load_model(checkpoint: str | Path, network: str | None = None, teacher: bool = False) -> LoadedModel:
@@ -300,6 +303,7 @@ def _from_training_checkpoint(path: Path, network: str | None, teacher: bool) ->
         tables=tables,
         metrics=dict(ckpt.metrics),
         iteration=ckpt.iteration,
+        eval_scale=float(ckpt.config.data.eval_scale),
     )
 
 
@@ -314,7 +318,7 @@ def run_export(
     teacher: bool = False,
     data: Path | None = None,
     limit: int = 200,
-    input_size: tuple[int, int] | None = DEFAULT_INPUT_SIZE,
+    input_size: tuple[int, int] | str | None = "auto",
     tau: float = 0.2,
     tolerance: float = PARITY_TOLERANCE,
     metrics_file: Path | None = None,
@@ -325,7 +329,7 @@ def run_export(
     """`blda export`: returns a summary (bundle path, parity errors, sizes, where the tables came from)."""
     import json
 
-    from training.evaluate import TorchPredictor, load_split
+    from training.evaluate import ResizingPredictor, TorchPredictor, load_split
 
     torch.set_num_threads(threads)
     if untrained:
@@ -341,10 +345,16 @@ def run_export(
             raise ExportError("expected --checkpoint CKPT (or --untrained --network NAME)")
         loaded = load_model(checkpoint, network, teacher)
     num_classes = int(getattr(loaded.model, "num_classes", len(CLASSES)))
+    if isinstance(input_size, str):
+        if input_size != "auto":
+            raise ExportError(f"input size: expected HxW, 'none' or 'auto', got {input_size!r}")
+        input_size = auto_input_size(loaded, data)
     tables, tables_from = loaded.tables, "checkpoint GMM state"
     data_desc: dict[str, Any] = {}
     if tables is None and data is not None:
-        predictor = TorchPredictor(loaded.model)
+        predictor: Predictor = TorchPredictor(loaded.model)
+        if loaded.eval_scale is not None and loaded.eval_scale != 1.0:
+            predictor = ResizingPredictor(predictor, scale=loaded.eval_scale)
         source = load_split(data, "source", "train", limit)
         target = load_split(data, "target", "train", limit)
         tables = fit_tables_offline(predictor, source, target, num_classes, seed=seed)
@@ -392,6 +402,25 @@ def run_export(
         "parity_max_abs": errors,
         "calibration_tables": tables_from,
     }
+
+
+def auto_input_size(loaded: LoadedModel, data: Path | None) -> tuple[int, int]:
+    """The size the model was evaluated at in training: the data's image size (the first target val
+    image under `data`, else the benchmark's default) times the evaluation scale, rounded to a multiple of
+    MULTIPLE_OF."""
+    from training.config import DataConfig
+
+    height, width = BENCHMARK_IMAGE_SIZE
+    if data is not None:
+        from training.evaluate import load_split
+
+        first = next(iter(load_split(data, "target", "val", 1)), None)
+        if first is not None:
+            height, width = first.image.shape[:2]
+    scale = loaded.eval_scale if loaded.eval_scale is not None else DataConfig().eval_scale
+    return tuple(  # type: ignore[return-value]
+        max(MULTIPLE_OF, MULTIPLE_OF * round(side * scale / MULTIPLE_OF)) for side in (height, width)
+    )
 
 
 def _jsonable(value: Any) -> Any:

@@ -132,3 +132,24 @@ def test_pixel_sampler_keeps_labels_aligned_and_skips_ignore() -> None:
         pix = int(z[0, 0, i])  # channel 0 holds the pixel index
         assert flat[1, pix] == z[1, 0, i]
         assert label.reshape(-1)[pix] == y[0, i] != 255
+
+
+def test_resizing_predictor_feeds_the_model_the_resized_image() -> None:
+    from training.evaluate import ResizingPredictor
+
+    seen: list[tuple[int, ...]] = []
+
+    def inner(images: np.ndarray) -> np.ndarray:
+        seen.append(images.shape)
+        return np.zeros((images.shape[0], 2, images.shape[1] // 4, images.shape[2] // 4), np.float32)
+
+    images = np.zeros((1, 32, 64, 3), np.uint8)
+    ResizingPredictor(inner, scale=0.5)(images)
+    ResizingPredictor(inner, size=(16, 48))(images)
+    assert seen == [(1, 16, 32, 3), (1, 16, 48, 3)]
+    # Evaluation upsamples whatever comes out back to the full label size.
+    label = np.zeros((32, 64), np.uint8)
+    m = evaluate(ResizingPredictor(inner, scale=0.5), [Sample(images[0], label, "x")], ["a", "b"])
+    assert m["raw"]["iou"] == [1.0, None]
+    with pytest.raises(ValueError, match="exactly one"):
+        ResizingPredictor(inner)
