@@ -27,6 +27,7 @@ from calibration.bias import confusion_matrix
 from calibration.bundle import SCHEMA_VERSION, Manifest, save_bundle
 from calibration.distributions import Gmm
 from calibration.tables import CalibrationTables, anchor_quantile, build_calibration_tables, positive_quantile
+from service.records import SegmentationRecord, StageTimings
 
 CLASS_NAMES = ("road", "sidewalk", "building", "traffic light", "vegetation", "sky")
 STRIDE = 4
@@ -132,6 +133,37 @@ def write_bundle(models_dir: Path) -> tuple[Path, CalibrationTables]:
     weight, bias = model_weights()
     tables = fitted_tables(weight, bias)
     return save_bundle(models_dir, onnx_model(weight, bias), tables, manifest()), tables
+
+
+def random_record(
+    tables: CalibrationTables | None,
+    seed: int,
+    logit_shape: tuple[int, int] = (7, 9),
+    input_size: tuple[int, int] = (30, 41),
+    calibrate: bool = True,
+) -> SegmentationRecord:
+    """A record of random logits (input size not a multiple of the logits: uneven pixel weights)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (len(CLASS_NAMES), *logit_shape)).astype(np.float32)  # (C, h, w)
+    raw = logits.argmax(axis=0)
+    cal = None
+    if calibrate:
+        assert tables is not None
+        cal = calibrated_decision(logits, tables.shifts, tau=1.0).astype(np.uint8)
+    return SegmentationRecord(
+        request_id=f"r{seed}",
+        model_name="m",
+        model_version="1",
+        raw_decision=raw.astype(np.uint8),
+        calibrated_decision=cal,
+        winning_logits=np.take_along_axis(logits, raw[None], axis=0)[0],
+        logits=logits,
+        tables=tables,
+        input_size=input_size,
+        calibrate=calibrate,
+        tau=1.0,
+        timings=StageTimings(0.001, 0.002, 0.003, 0.004),
+    )
 
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:

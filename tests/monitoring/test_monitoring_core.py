@@ -6,14 +6,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from monitoring_helpers import CLASS_NAMES, fitted_tables, model_weights
+from monitoring_helpers import CLASS_NAMES, fitted_tables, model_weights, random_record
 from prometheus_client import CollectorRegistry, Histogram
 
-from calibration.alignment import calibrated_decision
 from calibration.bias import bias_from_confusion, iou_from_confusion
 from calibration.tables import CalibrationTables, anchor_quantile, positive_quantile
 from service.imaging import resize_nearest
-from service.records import SegmentationRecord, StageTimings
 from service.telemetry import (
     LOGIT_BUCKETS,
     QUANTILE_BUCKETS,
@@ -35,32 +33,6 @@ C = len(CLASS_NAMES)
 @pytest.fixture(scope="module")
 def tables() -> CalibrationTables:
     return fitted_tables(*model_weights())
-
-
-def make_record(
-    tables: CalibrationTables | None, seed: int, logit_shape=(7, 9), input_size=(30, 41), calibrate=True
-) -> SegmentationRecord:
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(0, 3, (C, *logit_shape)).astype(np.float32)  # (C, h, w)
-    raw = logits.argmax(axis=0)
-    cal = None
-    if calibrate:
-        assert tables is not None
-        cal = calibrated_decision(logits, tables.shifts, tau=1.0).astype(np.uint8)
-    return SegmentationRecord(
-        request_id=f"r{seed}",
-        model_name="m",
-        model_version="1",
-        raw_decision=raw.astype(np.uint8),
-        calibrated_decision=cal,
-        winning_logits=np.take_along_axis(logits, raw[None], axis=0)[0],
-        logits=logits,
-        tables=tables,
-        input_size=input_size,
-        calibrate=calibrate,
-        tau=1.0,
-        timings=StageTimings(0.001, 0.002, 0.003, 0.004),
-    )
 
 
 def slow_bucket(value: float, bounds: tuple[float, ...]) -> int:
@@ -114,7 +86,7 @@ def test_bucket_counts_match_a_loop_with_le_semantics(values: list[float], seed:
 def test_request_stats_match_a_per_pixel_reference_at_input_resolution(
     tables: CalibrationTables, input_size: tuple[int, int], calibrate: bool
 ) -> None:
-    record = make_record(tables, seed=sum(input_size), input_size=input_size, calibrate=calibrate)
+    record = random_record(tables, seed=sum(input_size), input_size=input_size, calibrate=calibrate)
     stats = request_stats(record)
     height, width = input_size
     # Reference: resize everything to the input, then count pixel by pixel.
@@ -158,7 +130,7 @@ def test_request_stats_match_a_per_pixel_reference_at_input_resolution(
 
 
 def test_no_tables_means_no_quantiles() -> None:
-    stats = request_stats(make_record(None, seed=1, calibrate=False))
+    stats = request_stats(random_record(None, seed=1, calibrate=False))
     assert stats.raw.quantile_counts is None and stats.raw.anchor_counts is None
     assert stats.raw.pixels.sum() == 30 * 41
 
@@ -181,8 +153,8 @@ def test_uniform_l1_is_mean_gap_between_bucket_cdf_and_diagonal() -> None:
 def test_bias_report_uses_the_core_measures(tables: CalibrationTables) -> None:
     totals = BiasTotals(class_names=CLASS_NAMES)
     for seed in range(3):
-        add_request(totals, request_stats(make_record(tables, seed)))
-    add_request(totals, request_stats(make_record(tables, 9, calibrate=False)))
+        add_request(totals, request_stats(random_record(tables, seed)))
+    add_request(totals, request_stats(random_record(tables, 9, calibrate=False)))
     rng = np.random.default_rng(0)
     totals.confusion += rng.integers(0, 50, totals.confusion.shape)
     totals.confusion[:, 2, :] = 0  # a class absent from the ground truth
@@ -251,7 +223,7 @@ def test_telemetry_exports_the_request_increments(tables: CalibrationTables) -> 
     # Every series exists at 0 before the first request.
     assert sample_value(reg, "blda_predicted_pixels_total", model="m", version="1", **{"class": "sky"},
                         decision="calibrated") == 0  # fmt: skip
-    records = [make_record(tables, s) for s in range(3)] + [make_record(tables, 5, calibrate=False)]
+    records = [random_record(tables, s) for s in range(3)] + [random_record(tables, 5, calibrate=False)]
     totals = BiasTotals(class_names=CLASS_NAMES)
     for record in records:
         telemetry.observe_segmentation(record)
@@ -310,6 +282,6 @@ def test_telemetry_exports_the_request_increments(tables: CalibrationTables) -> 
 
 def test_versions_first_seen_in_a_request_get_names_from_the_lookup(tables: CalibrationTables) -> None:
     telemetry = Telemetry(class_names_of=lambda model, version: CLASS_NAMES if model == "m" else None)
-    telemetry.observe_segmentation(make_record(tables, 0))
+    telemetry.observe_segmentation(random_record(tables, 0))
     labels = {"model": "m", "version": "1", "class": "traffic light", "decision": "raw"}
     assert telemetry.registry.get_sample_value("blda_predicted_pixels_total", labels) is not None
