@@ -35,6 +35,7 @@ class DataConfig:
     batch_target: int = 2
     rare_class_sampling: bool = True
     rcs_temperature: float = 0.01
+    rcs_min_pixels: int = 1000  # an image serves a class it has at least this many pixels of (full size)
     color_jitter: float = 0.25  # strength of brightness/contrast/saturation jitter on mixed images
     blur: bool = True
     # A held-out part of target train for any tuning; the evaluation split is never used for choices.

@@ -173,15 +173,25 @@ def iteration_seed(seed: int, iteration: int, rank: int, stream: int) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def draw_indices(n: int, batch: int, seed: int, weights: np.ndarray | None = None) -> list[tuple[int, int]]:
-    """`batch` (index, sample seed) keys; `weights` (n,) for non-uniform (rare-class) sampling."""
+def draw_indices(n: int, batch: int, seed: int, sampler: Any | None = None) -> list[tuple[int, int]]:
+    """`batch` (index, sample seed) keys, uniform or from a rare-class sampler
+    (training.data.sampling.RareClassSampler: `sample(rng) -> (index, class)`)."""
     rng = np.random.default_rng(seed)
-    if weights is None:
+    if sampler is None:
         idx = rng.integers(0, n, size=batch)
     else:
-        idx = rng.choice(n, size=batch, p=weights / weights.sum())
+        idx = np.array([sampler.sample(rng)[0] for _ in range(batch)])
     seeds = rng.integers(0, 2**62, size=batch)
     return [(int(i), int(s)) for i, s in zip(idx, seeds, strict=True)]
+
+
+def source_class_counts(dataset: NumpyDataset, num_classes: int) -> np.ndarray:
+    """(N, C) pixel counts per source image (labels only when the dataset can read them alone)."""
+    from training.data.sampling import dataset_class_counts
+
+    read = getattr(dataset, "label", None)
+    labels = (read(i) if read is not None else dataset[i].label for i in range(len(dataset)))
+    return dataset_class_counts(labels, num_classes)
 
 
 def open_domains(data_dir: str | Path, source: str, target: str, tuning_fraction: float) -> dict[str, Any]:

@@ -31,7 +31,6 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 
 STAT_DTYPE = torch.float64
 MIN_VAR = 1e-6
-LOG_2PI = math.log(2 * math.pi)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -286,12 +285,21 @@ class AnchorTable:
 def build_anchor_table(
     weights: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, num_knots: int = 1024
 ) -> AnchorTable:
+    """Knots: a uniform grid over the support united with points placed at uniform probabilities by a
+    first pass (as calibration.distributions.tabulate_cdf), so narrow components and tails both resolve."""
     live = weights > 0
-    lo = float((means - 8 * stds)[live].min())
-    hi = float((means + 8 * stds)[live].max())
-    x = torch.linspace(lo, hi, num_knots, dtype=STAT_DTYPE)
-    p = gmm_cdf(x, weights, means, stds)
-    return AnchorTable(x=x, p=torch.cummax(p, 0).values)
+    if not bool(live.any()):
+        raise ValueError("anchor: expected a mixture with a positive weight, got none (no pairs pooled)")
+    lo = float((means - 9 * stds)[live].min())
+    hi = float((means + 9 * stds)[live].max())
+    x1 = torch.linspace(lo, hi, num_knots, dtype=STAT_DTYPE)
+    first = AnchorTable(x=x1, p=torch.cummax(gmm_cdf(x1, weights, means, stds), 0).values)
+    p_grid = torch.linspace(0, 1, num_knots + 2, dtype=STAT_DTYPE)[1:-1]
+    x = torch.sort(torch.cat([x1, inverse_anchor(p_grid, first)])).values
+    p = torch.cummax(gmm_cdf(x, weights, means, stds), 0).values
+    # Strictly increasing, so that flat stretches invert to a point rather than an interval.
+    p = p + torch.arange(p.numel(), dtype=STAT_DTYPE) * 1e-15
+    return AnchorTable(x=x, p=p)
 
 
 def inverse_anchor(q: torch.Tensor, table: AnchorTable) -> torch.Tensor:
@@ -340,14 +348,40 @@ class ShiftTable:
     delta: torch.Tensor  # (C, C, M) float32
 
 
+def gmm_quantile(
+    p: torch.Tensor,  # (*B, N) in (0, 1)
+    weights: torch.Tensor,  # (*B, K)
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    iters: int = 60,
+) -> torch.Tensor:
+    """F⁻¹(p) of each mixture by bisection (vectorised over the batch): (*B, N)."""
+    live = weights > 0
+    lo = torch.where(live, means - 12 * stds, torch.full_like(means, math.inf)).amin(-1, keepdim=True)
+    hi = torch.where(live, means + 12 * stds, torch.full_like(means, -math.inf)).amax(-1, keepdim=True)
+    lo, hi = lo.expand_as(p).clone(), hi.expand_as(p).clone()
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = gmm_cdf(mid, weights, means, stds) < p
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
 def build_shift_table(
     state: GmmState, anchors: Anchors, num_knots: int = 256, eps: float = 0.01
 ) -> ShiftTable:
-    """The grid of pair (c, l) spans its mixture's quantiles eps .. 1 − eps, where the clip is inactive."""
-    live = state.weights > 0
-    lo = torch.where(live, state.means - 4 * state.stds, torch.full_like(state.means, math.inf)).amin(-1)
-    hi = torch.where(live, state.means + 4 * state.stds, torch.full_like(state.means, -math.inf)).amax(-1)
-    span = (hi - lo).clamp_min(1e-3)
+    """As calibration.alignment.build_shift_tables (margin 0): the grid of pair (c, l) spans its clamped
+    quantile range [F_cl⁻¹(eps), F_cl⁻¹(1 − eps)], and Δ is held constant beyond it."""
+    c = state.num_classes
+    ends = gmm_quantile(
+        torch.tensor([eps, 1 - eps], dtype=STAT_DTYPE).expand(c, c, 2).contiguous(),
+        state.weights,
+        state.means,
+        state.stds,
+    )  # (C, C, 2)
+    lo = ends[..., 0]
+    span = (ends[..., 1] - lo).clamp_min(1e-6 * (num_knots - 1))
     t = torch.linspace(0, 1, num_knots, dtype=STAT_DTYPE)
     knots = lo[..., None] + span[..., None] * t  # (C, C, M)
     delta = shift_exact(knots, state, anchors, eps)

@@ -33,6 +33,7 @@ from training.datasets import (
     collate,
     draw_indices,
     iteration_seed,
+    source_class_counts,
 )
 from training.gmm import (
     Anchors,
@@ -59,12 +60,13 @@ STREAM_SOURCE, STREAM_TARGET, STREAM_STEP = 1, 2, 3
 
 @dataclass
 class Domains:
-    """The numpy datasets of a run; rcs_weights (len(source),) for rare-class sampling, or None."""
+    """The numpy datasets of a run; rcs: a rare-class sampler over the source (built when None and
+    data.rare_class_sampling is set)."""
 
     source: NumpyDataset
     target_train: NumpyDataset
     target_val: NumpyDataset
-    rcs_weights: np.ndarray | None = None
+    rcs: Any | None = None
 
 
 @dataclass
@@ -148,7 +150,7 @@ def load_batches(ctx: StepContext, iteration: int) -> tuple[Batch, Batch | None]
         len(crops["source"]),
         cfg.data.batch_source,
         iteration_seed(cfg.seed, iteration, ctx.rank, STREAM_SOURCE),
-        ctx.domains.rcs_weights if cfg.data.rare_class_sampling else None,
+        ctx.domains.rcs if cfg.data.rare_class_sampling else None,
     )
     source = collate([crops["source"][k] for k in keys])
     target = None
@@ -450,6 +452,13 @@ def run_training(
         if ckpt.config != cfg:
             cfg = replace(ckpt.config)
         restore(state, ckpt, cfg)
+    if cfg.data.rare_class_sampling and domains.rcs is None:
+        from training.data.sampling import RareClassSampler
+
+        counts = source_class_counts(domains.source, cfg.model.num_classes)
+        domains = replace(
+            domains, rcs=RareClassSampler(counts, cfg.data.rcs_temperature, cfg.data.rcs_min_pixels)
+        )
     ctx = StepContext(cfg=cfg, domains=domains, rank=info.rank, world_size=info.world_size)
     if info.is_main:
         (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))

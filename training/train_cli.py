@@ -26,7 +26,7 @@ def train(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (overrides the config).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.pt if present.")] = False,
-    threads: Annotated[int, typer.Option(help="torch CPU threads per process.")] = 2,
+    threads: Annotated[int, typer.Option(help="torch CPU threads per process.")] = 1,
 ) -> None:
     """Train one arm; under `torchrun --nproc_per_node N` the processes train data-parallel."""
     from training.config import ConfigError, load_config
