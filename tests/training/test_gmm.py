@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -181,6 +183,10 @@ def test_update_is_a_momentum_merge_of_the_batch_estimate() -> None:
     assert int(s2.updates[0, 0]) == 2 and int(s2.last_seen[0, 0]) == 1
 
 
+def _cdf_minus(w: np.ndarray, mu: np.ndarray, sd: np.ndarray, q: float) -> Callable[[float], float]:
+    return lambda x: float((w * ndtr((x - mu) / sd)).sum()) - q
+
+
 def test_gmm_quantile_inverts_the_cdf() -> None:
     state = _fitted()
     p = torch.tensor([0.01, 0.3, 0.99], dtype=torch.float64).expand(5, 5, 3).contiguous()
@@ -188,7 +194,7 @@ def test_gmm_quantile_inverts_the_cdf() -> None:
     w, mu, sd = (t.numpy() for t in (state.weights, state.means, state.stds))
     for a, b in [(0, 0), (2, 3)]:
         for j, pj in enumerate([0.01, 0.3, 0.99]):
-            ref = brentq(lambda x: float((w[a, b] * ndtr((x - mu[a, b]) / sd[a, b])).sum()) - pj, -200, 200)
+            ref = brentq(_cdf_minus(w[a, b], mu[a, b], sd[a, b], pj), -200, 200)
             assert float(q[a, b, j]) == pytest.approx(ref, abs=1e-6)
 
 
@@ -226,9 +232,7 @@ def test_shift_exact_matches_a_root_finding_reference() -> None:
             for j in range(9):
                 x = float(z[a, b, j])
                 q = np.clip(float((w[a, b] * ndtr((x - m[a, b]) / s[a, b])).sum()), 0.01, 0.99)
-                f = lambda v, q=q, anchor=anchor: (  # noqa: E731
-                    float((anchor.weights * ndtr((v - anchor.means) / anchor.stds)).sum()) - q
-                )
+                f = _cdf_minus(anchor.weights, anchor.means, anchor.stds, q)
                 assert got[a, b, j] == pytest.approx(brentq(f, -300, 300) - x, abs=5e-3)
 
 
