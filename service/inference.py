@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -218,6 +219,9 @@ class InferenceRunner:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.cpu_pool = ThreadPoolExecutor(settings.thread_pool_size(), thread_name_prefix="blda-cpu")
+        # Inference holds a slot while it runs: with few cores, fewer concurrent runs each get more threads.
+        self._inference_slots = threading.BoundedSemaphore(settings.max_concurrent_inferences)
+        # Micro-batches run here (one at a time per slot), not on the CPU pool.
         self.infer_pool = ThreadPoolExecutor(
             settings.max_concurrent_inferences, thread_name_prefix="blda-infer"
         )
@@ -227,10 +231,21 @@ class InferenceRunner:
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, partial(fn, *args))
 
+    @property
+    def batching(self) -> bool:
+        return self.settings.batch_max_size > 1
+
+    def run_inference(self, model: ServedModel, image: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) -> (N, C, h, w) in the calling thread, within the concurrency limit."""
+        with self._inference_slots:
+            return model.run(image)
+
     async def infer(self, model: ServedModel, image: np.ndarray) -> np.ndarray:
         """(1, 3, H, W) -> (1, C, h, w), batched with concurrent requests when enabled."""
         if self.settings.batch_max_size <= 1:
-            return await asyncio.get_running_loop().run_in_executor(self.infer_pool, model.run, image)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.infer_pool, self.run_inference, model, image
+            )
         batcher = self._batchers.get(model)
         if batcher is None:
             batcher = MicroBatcher(

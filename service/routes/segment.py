@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -32,7 +33,7 @@ from service.imaging import (
     resize_nearest,
     run_length_encode,
 )
-from service.inference import Decision, ServedModel, calibrated, raw_decision
+from service.inference import Decision, InferenceRunner, ServedModel, calibrated, raw_decision
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.records import SegmentationObserver, SegmentationRecord, StageTimings
 from service.registry import RegistryError
@@ -113,30 +114,53 @@ FormatQuery = Annotated[
 ]
 
 
-def _decode(data: bytes, model: ServedModel, max_pixels: int) -> tuple[tuple[int, int], np.ndarray]:
-    rgb = decode_image(data, max_pixels)  # (H, W, 3) uint8
+@dataclass(frozen=True)
+class _Job:
+    """One request's parameters, fixed before any work starts."""
+
+    model: ServedModel
+    calibrate: bool
+    tau: float
+    output: str  # "png" | "json"
+    json_head: dict[str, Any]
+    max_pixels: int
+    chunk_pixels: int
+    png_level: int
+
+
+@dataclass(frozen=True)
+class _Done:
+    size: tuple[int, int]  # (H, W) of the uploaded image
+    logits: np.ndarray  # (C, h, w)
+    decision: Decision
+    body: bytes
+    timings: StageTimings
+
+
+def _decode(job: _Job, data: bytes) -> tuple[tuple[int, int], np.ndarray]:
+    """bytes -> (H, W) and the (1, 3, h, w) model input."""
+    rgb = decode_image(data, job.max_pixels)  # (H, W, 3) uint8
     height, width = rgb.shape[:2]
-    return (height, width), preprocess(rgb, model.input_size(height, width), model.norm)
+    return (height, width), preprocess(rgb, job.model.input_size(height, width), job.model.norm)
 
 
-def _decide(logits: np.ndarray, model: ServedModel, calibrate: bool, tau: float, chunk: int) -> Decision:
+def _decide(job: _Job, logits: np.ndarray) -> Decision:
     raw, winning = raw_decision(logits)
-    return Decision(raw, calibrated(logits, model, tau, chunk) if calibrate else None, winning)
+    chosen = calibrated(logits, job.model, job.tau, job.chunk_pixels) if job.calibrate else None
+    return Decision(raw, chosen, winning)
 
 
-def _encode_png(mask: np.ndarray, size: tuple[int, int], palette: bytes, level: int) -> bytes:
-    return encode_png_mask(resize_nearest(mask, *size), palette, level)
-
-
-def _encode_json(
-    mask: np.ndarray, size: tuple[int, int], head: dict[str, Any], classes: Sequence[str]
-) -> bytes:
+def _encode(job: _Job, mask: np.ndarray, size: tuple[int, int]) -> bytes:
+    """(h, w) decision -> the response body at the image's size (h, w) -> (H, W) nearest."""
     full = resize_nearest(mask, *size)
+    if job.output == "png":
+        return encode_png_mask(full, job.model.palette, job.png_level)
+    classes = job.model.bundle.manifest.class_names
     values, lengths = run_length_encode(full)
     counts = class_counts(full, len(classes))
     body = {
-        **head,
-        "classes": list(classes),
+        **job.json_head,
+        "classes": classes,
         "class_counts": {name: int(n) for name, n in zip(classes, counts, strict=True)},
         "mask": {
             "encoding": "rle-row-major",
@@ -146,6 +170,42 @@ def _encode_json(
         },
     }
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _finish(job: _Job, size: tuple[int, int], logits: np.ndarray) -> tuple[Decision, bytes, float, float]:
+    started = time.perf_counter()
+    decision = _decide(job, logits)
+    decided = time.perf_counter()
+    body = _encode(job, decision.served, size)
+    return decision, body, decided - started, time.perf_counter() - decided
+
+
+def _whole(job: _Job, data: bytes, runner: InferenceRunner, queued_at: float) -> _Done:
+    """Every stage in one worker thread: one hand-off per request instead of one per stage."""
+    size, image = _decode(job, data)
+    decoded = time.perf_counter()
+    logits = runner.run_inference(job.model, image)[0]  # (C, h, w)
+    inferred = time.perf_counter()
+    decision, body, calibrate_s, encode_s = _finish(job, size, logits)
+    timings = StageTimings(decoded - queued_at, inferred - decoded, calibrate_s, encode_s)
+    return _Done(size, logits, decision, body, timings)
+
+
+async def _staged(job: _Job, data: bytes, runner: InferenceRunner) -> _Done:
+    """Stages as separate hand-offs, so that inference can join a micro-batch."""
+    started = time.perf_counter()
+    size, image = await runner.in_thread(_decode, job, data)
+    decoded = time.perf_counter()
+    logits = (await runner.infer(job.model, image))[0]
+    inferred = time.perf_counter()
+    decision, body, calibrate_s, encode_s = await runner.in_thread(_finish, job, size, logits)
+    return _Done(
+        size,
+        logits,
+        decision,
+        body,
+        StageTimings(decoded - started, inferred - decoded, calibrate_s, encode_s),
+    )
 
 
 def _notify(observers: Sequence[SegmentationObserver], record: SegmentationRecord) -> None:
@@ -176,43 +236,36 @@ async def _segment(
     use_calibration = model.calibrate_default if calibrate is None else calibrate
     tau_used = model.tau_default if tau is None else tau
     request_id: str = request.state.request_id
-
-    started = time.perf_counter()
-    data = await read_image_upload(request, settings.max_body_bytes)
-    try:
-        size, image = await runner.in_thread(_decode, data, model, settings.max_image_pixels)
-    except ImageTooLargeError as exc:
-        raise Problem("image-too-large", str(exc)) from exc
-    except ImageDecodeError as exc:
-        raise Problem("invalid-image", str(exc)) from exc
-    decoded = time.perf_counter()
-    logits = (await runner.infer(model, image))[0]  # (C, h, w)
-    logits.setflags(write=False)
-    inferred = time.perf_counter()
-    decision = await runner.in_thread(
-        _decide, logits, model, use_calibration, tau_used, settings.calibration_chunk_pixels
-    )
-    decided = time.perf_counter()
-    if output == "json":
-        head = {
+    job = _Job(
+        model=model,
+        calibrate=use_calibration,
+        tau=tau_used,
+        output=output,
+        json_head={
             "request_id": request_id,
             "model": model.name,
             "version": model.version,
             "calibrated": use_calibration,
             "tau": tau_used if use_calibration else None,
-        }
-        body = await runner.in_thread(
-            _encode_json, decision.served, size, head, model.bundle.manifest.class_names
-        )
-        media = "application/json"
-    else:
-        body = await runner.in_thread(
-            _encode_png, decision.served, size, model.palette, settings.png_compress_level
-        )
-        media = "image/png"
-    encoded = time.perf_counter()
+        },
+        max_pixels=settings.max_image_pixels,
+        chunk_pixels=settings.calibration_chunk_pixels,
+        png_level=settings.png_compress_level,
+    )
 
-    timings = StageTimings(decoded - started, inferred - decoded, decided - inferred, encoded - decided)
+    data = await read_image_upload(request, settings.max_body_bytes)
+    try:
+        if runner.batching:
+            done = await _staged(job, data, runner)
+        else:
+            done = await runner.in_thread(_whole, job, data, runner, time.perf_counter())
+    except ImageTooLargeError as exc:
+        raise Problem("image-too-large", str(exc)) from exc
+    except ImageDecodeError as exc:
+        raise Problem("invalid-image", str(exc)) from exc
+    done.logits.setflags(write=False)
+    timings = done.timings
+    media = "image/png" if output == "png" else "application/json"
     headers = {
         "X-Model-Name": model.name,
         "X-Model-Version": model.version,
@@ -226,19 +279,19 @@ async def _segment(
             request_id=request_id,
             model_name=model.name,
             model_version=model.version,
-            raw_decision=decision.raw,
-            calibrated_decision=decision.calibrated,
-            winning_logits=decision.winning_logits,
-            logits=logits,
+            raw_decision=done.decision.raw,
+            calibrated_decision=done.decision.calibrated,
+            winning_logits=done.decision.winning_logits,
+            logits=done.logits,
             tables=model.bundle.tables,
-            input_size=size,
+            input_size=done.size,
             calibrate=use_calibration,
             tau=tau_used,
             timings=timings,
         )
         # Fire and forget on the worker pool: observers never delay this response or the next one.
         runner.cpu_pool.submit(_notify, tuple(observers), record)
-    return Response(content=body, media_type=media, headers=headers)
+    return Response(content=done.body, media_type=media, headers=headers)
 
 
 _DOC = (

@@ -1,0 +1,326 @@
+"""The segmentation service against in-process onnxruntime on the same image (issue 5's targets).
+
+    .venv/bin/python -m bench service                     # the target table
+    .venv/bin/python -m bench.service --variants          # also the batching / concurrency settings
+
+Default bundle (models/: BLDA_DEFAULT_MODEL or the first model, its highest version), one 512x1024 PNG
+street scene from the synthetic target domain. A real `blda serve` on 127.0.0.1, started here with its
+defaults, is posted the same PNG bytes with httpx. "In-process" runs the same work with no HTTP: decode
+the PNG, preprocess, onnxruntime, argmax, resize, encode the PNG mask; the session alone is shown too.
+A bundle without calibration tables gets tables fitted on its own logits of a few synthetic target
+images (pseudo-labels = argmax), so that the calibrated path can be measured; the table says so.
+
+Targets: HTTP p50 / in-process p50 <= 1.20 (calibration off); calibrated / uncalibrated HTTP p50 <= 1.10;
+throughput at 8 concurrent clients >= 0.9x in-process single-stream throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from calibration.alignment import candidate_counts
+from calibration.bundle import CalibrationSpec, discover_bundles, load_bundle, save_bundle, version_key
+from calibration.distributions import fit_pair_gmms
+from calibration.tables import build_calibration_tables
+from service.imaging import decode_image, encode_png_mask, preprocess, resize_nearest
+from service.inference import ServedModel, calibrated, load_served_model, raw_decision
+from service.settings import ServiceSettings
+
+REPO = Path(__file__).resolve().parent.parent
+HEIGHT, WIDTH = 512, 1024
+
+
+def default_bundle(models_dir: Path) -> Path:
+    bundles = discover_bundles(models_dir)
+    if not bundles:
+        raise SystemExit(f"no bundle under {models_dir}: export one first (see README)")
+    wanted = os.environ.get("BLDA_DEFAULT_MODEL") or min(b.parent.name for b in bundles)
+    versions = [b for b in bundles if b.parent.name == wanted]
+    return max(versions, key=lambda b: version_key(b.name))
+
+
+def street_scene(seed: int) -> np.ndarray:
+    """(512, 1024, 3) uint8 from the synthetic target domain (numpy + Pillow only)."""
+    from training.data.synth.config import SceneConfig, ShiftConfig, domain_configs
+    from training.data.synth.scene import render_scene
+
+    _, target = domain_configs(ShiftConfig())
+    rgb, _ = render_scene(np.random.default_rng(seed), SceneConfig(height=HEIGHT, width=WIDTH), target)
+    return rgb
+
+
+def png(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def staged_models(bundle_dir: Path, root: Path, threads: int) -> tuple[Path, str]:
+    """A models directory holding the bundle, with calibration tables added when it has none."""
+    bundle = load_bundle(bundle_dir)
+    models_dir = root / "models"
+    if bundle.tables is not None:
+        save_bundle(models_dir, bundle.model_path, bundle.tables, bundle.manifest)
+        return models_dir, "the bundle's own"
+    model = load_served_model(bundle_dir, threads)
+    logits = []
+    for seed in range(100, 104):
+        image = street_scene(seed)
+        logits.append(model.run(preprocess(image, model.input_size(HEIGHT, WIDTH), model.norm)))
+    z = np.concatenate(logits)  # (4, C, h, w)
+    pairs, counts = fit_pair_gmms(z, z.argmax(axis=1), model.num_classes, k=5, max_samples=20000)
+    tables = build_calibration_tables(pairs, counts)
+    manifest = bundle.manifest.model_copy(update={"calibration": CalibrationSpec(enabled_default=False)})
+    save_bundle(models_dir, bundle.model_path, tables, manifest)
+    return models_dir, "fitted here on the model's own logits (the bundle has none)"
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return np.array(times)
+
+
+def in_process(model: ServedModel, data: bytes, calibrate: bool, settings: ServiceSettings) -> bytes:
+    """What the service does for one request, minus HTTP."""
+    rgb = decode_image(data, settings.max_image_pixels)
+    image = preprocess(rgb, model.input_size(*rgb.shape[:2]), model.norm)
+    logits = model.run(image)[0]
+    raw, _ = raw_decision(logits)
+    mask = (
+        calibrated(logits, model, model.tau_default, settings.calibration_chunk_pixels) if calibrate else raw
+    )
+    return encode_png_mask(resize_nearest(mask, *rgb.shape[:2]), model.palette, settings.png_compress_level)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, models_dir: Path, model: str, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        command = [
+            sys.executable,
+            "-m",
+            "blda",
+            "serve",
+            "--port",
+            str(self.port),
+            "--models-dir",
+            str(models_dir),
+        ]
+        command += ["--no-access-log", "--log-level", "warning"]
+        environment = {**os.environ, "BLDA_DEFAULT_MODEL": model, **env}
+        self.process = subprocess.Popen(command, cwd=REPO, env=environment)
+
+    def __enter__(self) -> Server:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"the server exited with {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.process.kill()
+        raise SystemExit("the server was not ready within 120 s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def interleaved(
+    calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, np.ndarray]:
+    """Seconds per call of each function, measured in rotating turns so that load drift (other processes on
+    the machine) affects every measure alike: the ratios compare like with like."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: np.array(values) for name, values in times.items()}
+
+
+def http_call(client: httpx.Client, data: bytes, calibrate: bool) -> Callable[[], None]:
+    url = f"/v1/segment?calibrate={str(calibrate).lower()}"
+
+    def call() -> None:
+        response = client.post(url, content=data, headers={"content-type": "image/png"})
+        response.raise_for_status()
+
+    return call
+
+
+def http_throughput(base: str, data: bytes, clients: int, per_client: int) -> float:
+    """Requests per second with `clients` concurrent keep-alive connections (calibration off)."""
+    barrier = threading.Barrier(clients + 1)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        with httpx.Client(base_url=base, timeout=120) as client:
+            client.post("/v1/segment?calibrate=false", content=data, headers={"content-type": "image/png"})
+            barrier.wait()
+            try:
+                for _ in range(per_client):
+                    response = client.post(
+                        "/v1/segment?calibrate=false", content=data, headers={"content-type": "image/png"}
+                    )
+                    response.raise_for_status()
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return clients * per_client / elapsed
+
+
+def ms(values: np.ndarray) -> str:
+    return f"{np.median(values) * 1000:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models")
+    parser.add_argument("--requests", type=int, default=40, help="sequential requests per latency row")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--per-client", type=int, default=8, help="requests per concurrent client")
+    parser.add_argument(
+        "--variants", action="store_true", help="also measure batching / concurrency settings"
+    )
+    args = parser.parse_args()
+
+    bundle_dir = default_bundle(args.models_dir)
+    settings = ServiceSettings()
+    threads = settings.onnx_threads()
+    data = png(street_scene(seed=7))
+    with tempfile.TemporaryDirectory(prefix="blda-bench-") as tmp:
+        models_dir, tables_note = staged_models(bundle_dir, Path(tmp), threads)
+        staged = models_dir / bundle_dir.parent.name / bundle_dir.name
+        model = load_served_model(staged, threads)
+        rgb = decode_image(data, settings.max_image_pixels)
+        tensor = preprocess(rgb, model.input_size(HEIGHT, WIDTH), model.norm)
+        assert model.bundle.tables is not None
+        counts = candidate_counts(model.run(tensor)[0], model.bundle.tables.shifts, model.tau_default)
+        bound_note = f"{(counts == 1).mean():.0%} of logit pixels decided by the exact bound, " \
+            f"{counts.mean():.1f} hypotheses per pixel"  # fmt: skip
+
+        with (
+            Server(models_dir, model.name, {}) as server,
+            httpx.Client(base_url=server.base, timeout=60) as client,
+        ):
+            measured = interleaved(
+                {
+                    "session": lambda: model.run(tensor),
+                    "local_raw": lambda: in_process(model, data, False, settings),
+                    "local_cal": lambda: in_process(model, data, True, settings),
+                    "http_raw": http_call(client, data, False),
+                    "http_cal": http_call(client, data, True),
+                },
+                args.requests,
+            )
+            throughput = http_throughput(server.base, data, args.clients, args.per_client)
+            # The single-stream baseline right after, under the same load.
+            local_throughput = (
+                args.clients
+                * args.per_client
+                / float(
+                    timed(
+                        lambda: in_process(model, data, False, settings), args.clients * args.per_client, 1
+                    ).sum()
+                )
+            )
+        session_only, local_raw, local_cal = measured["session"], measured["local_raw"], measured["local_cal"]
+        http_raw, http_cal = measured["http_raw"], measured["http_cal"]
+        variants = []
+        if args.variants:
+            for label, env in (
+                ("batch 4, wait 5 ms", {"BLDA_BATCH_MAX_SIZE": "4", "BLDA_BATCH_MAX_WAIT_MS": "5"}),
+                ("2 concurrent inferences", {"BLDA_MAX_CONCURRENT_INFERENCES": "2"}),
+                ("2 concurrent inferences, 1 onnx thread", {
+                    "BLDA_MAX_CONCURRENT_INFERENCES": "2", "BLDA_INTRA_OP_THREADS": "1"}),
+            ):  # fmt: skip
+                with Server(models_dir, model.name, env) as server:
+                    with httpx.Client(base_url=server.base, timeout=60) as client:
+                        p50 = ms(timed(http_call(client, data, False), max(10, args.requests // 2)))
+                    variants.append(
+                        (label, p50, http_throughput(server.base, data, args.clients, args.per_client))
+                    )
+
+    raw_ratio = float(np.median(http_raw) / np.median(local_raw))
+    cal_ratio = float(np.median(http_cal) / np.median(http_raw))
+    tp_ratio = throughput / local_throughput
+    print(f"bundle {model.name}/{model.version} ({'trained' if model.bundle.manifest.provenance.trained else 'UNTRAINED'})"
+          f", input {HEIGHT}x{WIDTH} PNG ({len(data) // 1024} KiB), model input {tensor.shape[2]}x{tensor.shape[3]}, "
+          f"{threads} onnxruntime threads, {os.cpu_count()} cores\ncalibration tables: {tables_note}; {bound_note}")  # fmt: skip
+    print(f"{'measure':<58} {'value':>10}  target")
+    rows = [
+        ("in-process onnxruntime session.run alone, p50 ms", ms(session_only), ""),
+        ("in-process pipeline (decode..encode), calibrate off, p50 ms", ms(local_raw), ""),
+        ("in-process pipeline, calibrate on, p50 ms", ms(local_cal), ""),
+        ("HTTP, calibrate off, p50 ms", ms(http_raw), ""),
+        ("HTTP, calibrate on, p50 ms", ms(http_cal), ""),
+        ("HTTP / in-process p50 (calibrate off)", f"{raw_ratio:.3f}", "<= 1.20"),
+        (
+            "HTTP / session.run alone p50 (for reference)",
+            f"{np.median(http_raw) / np.median(session_only):.3f}",
+            "",
+        ),
+        ("HTTP calibrated / uncalibrated p50", f"{cal_ratio:.3f}", "<= 1.10"),
+        ("in-process single-stream throughput (pipeline), img/s", f"{local_throughput:.1f}", ""),
+        (f"HTTP throughput, {args.clients} clients, img/s", f"{throughput:.1f}", ""),
+        (f"HTTP {args.clients}-client / in-process throughput", f"{tp_ratio:.3f}", ">= 0.90"),
+    ]
+    for label, value, target in rows:
+        print(f"{label:<58} {value:>10}  {target}")
+    for label, p50, rate in variants:
+        print(f"variant {label:<50} p50 {p50} ms, {args.clients} clients {rate:.1f} img/s", end="")
+        print(f" ({rate / local_throughput:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
