@@ -28,7 +28,15 @@ def _fail(message: str) -> typer.Exit:
 
 def prepare_multiprocess_dir(workers: int, environ: dict[str, str] | os._Environ[str]) -> Path | None:
     """For workers > 1 without PROMETHEUS_MULTIPROC_DIR: create an empty one, set it; return it to remove."""
-    if workers <= 1 or environ.get(MULTIPROC_ENV):
+    preset = environ.get(MULTIPROC_ENV)
+    if preset:
+        # A directory given by the operator is kept but emptied of an earlier run's values, which would
+        # otherwise be added to this run's (counters) or linger (gauges of dead workers).
+        Path(preset).mkdir(parents=True, exist_ok=True)
+        for stale in Path(preset).glob("*.db"):
+            stale.unlink()
+        return None
+    if workers <= 1:
         return None
     path = Path(tempfile.mkdtemp(prefix="blda-prometheus-"))
     environ[MULTIPROC_ENV] = str(path)

@@ -12,6 +12,7 @@ import pytest
 from monitoring_helpers import CLASS_NAMES, fitted_tables, model_weights, random_record
 from prometheus_client import CollectorRegistry, multiprocess
 
+from service.cli import prepare_multiprocess_dir
 from service.telemetry import QUANTILE_BUCKETS, BiasTotals, add_request, request_stats
 
 HERE = Path(__file__).parent
@@ -93,3 +94,14 @@ def test_a_scrape_sums_the_workers(tmp_path: Path) -> None:
         )
         == 3
     )
+
+
+def test_serve_empties_a_preset_multiprocess_directory(tmp_path: Path) -> None:
+    (tmp_path / "counter_123.db").write_bytes(b"stale")
+    (tmp_path / "notes.txt").write_text("kept")
+    environ = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    assert prepare_multiprocess_dir(2, environ) is None  # the operator's directory: not removed afterwards
+    assert not list(tmp_path.glob("*.db")) and (tmp_path / "notes.txt").exists()
+    missing = tmp_path / "new" / "dir"
+    prepare_multiprocess_dir(2, {"PROMETHEUS_MULTIPROC_DIR": str(missing)})
+    assert missing.is_dir()
