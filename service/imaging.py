@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Formats Pillow may try: nothing else is parsed, whatever the bytes claim to be.
 DECODERS = ("PNG", "JPEG", "WEBP")
@@ -49,8 +49,13 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageTooLargeError(f"expected at most {max_pixels} pixels, got {exc}") from exc
     except (ImageDecodeError, ImageTooLargeError):
         raise
-    except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError, MemoryError) as exc:
-        # Pillow reports broken files through all of these (UnidentifiedImageError is an OSError).
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(
+            "expected a PNG, JPEG or WebP image, got bytes of none of these formats"
+        ) from exc
+    except Exception as exc:
+        # Pillow's decoders report malformed input through many exception types (OSError, SyntaxError,
+        # struct.error, ValueError, ...): all of them mean the client's bytes are not a valid image.
         raise ImageDecodeError(f"expected a PNG, JPEG or WebP image, got undecodable bytes ({exc})") from exc
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from service_helpers import ADMIN_KEY, png_bytes, scene
 
 REPO = Path(__file__).resolve().parents[2]
+MAX_BODY = 300_000
 
 
 def free_port() -> int:
@@ -45,6 +46,7 @@ def start_server(
         "BLDA_ADMIN_API_KEY": ADMIN_KEY,
         "BLDA_DEFAULT_MODEL": "tiny",
         "BLDA_INTRA_OP_THREADS": "1",
+        "BLDA_MAX_BODY_BYTES": str(MAX_BODY),
         **(env or {}),
     }
     return subprocess.Popen(
@@ -107,6 +109,17 @@ def test_real_server_segments_an_uploaded_image(server: str) -> None:
             "/v1/segment", content=b"\x89PNG\r\n\x1a\nbroken", headers={"content-type": "image/png"}
         )
         assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
+        too_big = png_bytes(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8))
+        assert len(too_big) > MAX_BODY
+        for request in (
+            {"content": too_big, "headers": {"content-type": "image/png"}},
+            {"files": {"file": ("big.png", too_big, "image/png")}},
+        ):
+            response = http.post("/v1/segment", **request)  # type: ignore[arg-type]
+            assert response.status_code == 413 and response.json()["type"] == "/problems/payload-too-large"
+        assert http.post(
+            "/v1/segment", content=png_bytes(rgb), headers={"content-type": "image/png"}
+        ).is_success
         assert http.get("/docs").status_code == 200
         assert http.get("/healthz").json() == {"status": "ok"}
 
