@@ -217,3 +217,12 @@ def test_cli_untrained_export_and_errors(tmp_path: Path) -> None:
     assert "expected --checkpoint" in bad.stderr and "Traceback" not in bad.output
     bad = runner.invoke(app, ["export", "--untrained", "--network", "nope", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "mobilenet_lraspp" in bad.stderr
+
+
+def test_root_cli_lists_the_commands() -> None:
+    from blda.cli import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("evaluate", "export", "diagnose"):
+        assert command in result.stdout
