@@ -100,7 +100,8 @@ def tabulate_cdf(gmm: Gmm, num_knots: int = 1024) -> tuple[np.ndarray, np.ndarra
     """Monotone table (x, F(x)) of one mixture (batch ()), dense both in x and in probability.
 
     The knots are the union of a uniform grid over the support and the points that a first pass places at
-    uniform probabilities, so narrow components and long tails are both resolved. F is made strictly
+    uniform probabilities and at normal-quantile-spaced ones, so narrow components, the bulk and the tails
+    are all resolved. F is made strictly
     increasing (ties nudged by a few ulps) so that the table inverts with `np.interp`.
     """
     if gmm.batch_shape != ():
@@ -111,7 +112,8 @@ def tabulate_cdf(gmm: Gmm, num_knots: int = 1024) -> tuple[np.ndarray, np.ndarra
     x1 = np.linspace(lo, hi, num_knots)
     f1 = gmm_cdf(x1, gmm)
     f1 = np.maximum.accumulate(f1)
-    p_grid = np.linspace(0.0, 1.0, num_knots + 2)[1:-1]
+    # Uniform probabilities for the bulk, normal-quantile spacing for the tails (the clamp sits there).
+    p_grid = np.concatenate([np.linspace(0.0, 1.0, num_knots + 2)[1:-1], ndtr(np.linspace(-6, 6, num_knots))])
     keep = np.concatenate([[True], np.diff(f1) > 0])
     x2 = np.interp(p_grid, f1[keep], x1[keep])
     x = np.unique(np.concatenate([x1, x2]))

@@ -201,7 +201,13 @@ def test_pairs_equal_to_their_anchors_give_zero_shift_and_the_raw_argmax(
     pairs, counts = _identical_pairs(rng, c, 3)
     tables = build_calibration_tables(pairs, counts, eps=eps, num_knots=64)
     d = np.abs(tables.shifts.delta).max()
-    assert d < 2e-3
+    # Zero up to the anchors' tabulation: a few knots of the inverse CDF table (larger in the gaps between
+    # components, where x is ill-determined by F).
+    width = max(
+        float(np.ptp(gmm_quantile(np.array([eps, 1 - eps]), a)))
+        for a in (tables.anchor_pos, tables.anchor_neg)
+    )
+    assert d < 2e-3 * width
     logits = random_logits(rng, c, 12, 16, 3.0) * 3
     got = calibrated_decision(logits, tables.shifts, tau=tau)
     raw = logits.argmax(0)
