@@ -25,6 +25,7 @@ from calibration.alignment import (
     calibrated_decision,
     calibrated_decision_topk,
     candidate_counts,
+    raw_decision,
 )
 from calibration.distributions import fit_pair_gmms
 from calibration.tables import build_calibration_tables
@@ -100,7 +101,7 @@ def main() -> None:
             counts = candidate_counts(z, tables, tau=TAU)
             skipped = float(np.mean(counts == 1))
             methods: dict[str, Callable[[], np.ndarray]] = {
-                "raw argmax": partial(np.argmax, z, axis=0),
+                "raw argmax": partial(raw_decision, z),
                 "exact": partial(calibrated_decision, z, tables, tau=TAU),
                 "top-2": partial(calibrated_decision_topk, z, tables, tau=TAU, k=2),
                 "top-3": partial(calibrated_decision_topk, z, tables, tau=TAU, k=3),
