@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -161,10 +162,11 @@ class Server:
 
 
 def interleaved(
-    calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+    calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3, settle_s: float = 0.03
 ) -> dict[str, np.ndarray]:
     """Seconds per call of each function, measured in rotating turns so that load drift (other processes on
-    the machine) affects every measure alike: the ratios compare like with like."""
+    the machine) affects every measure alike: the ratios compare like with like. A pause after each call
+    lets work a call leaves behind (the server's observers run after its response) end before the next."""
     names = list(calls)
     for _ in range(warmup):
         for name in names:
@@ -175,6 +177,7 @@ def interleaved(
             start = time.perf_counter()
             calls[name]()
             times[name].append(time.perf_counter() - start)
+            time.sleep(settle_s)
     return {name: np.array(values) for name, values in times.items()}
 
 
@@ -188,35 +191,39 @@ def http_call(client: httpx.Client, data: bytes, calibrate: bool) -> Callable[[]
     return call
 
 
-def http_throughput(base: str, data: bytes, clients: int, per_client: int) -> float:
-    """Requests per second with `clients` concurrent keep-alive connections (calibration off)."""
-    barrier = threading.Barrier(clients + 1)
-    errors: list[BaseException] = []
+def throughputs(
+    base: str, data: bytes, clients: int, per_round: int, rounds: int, local: Callable[[], object]
+) -> tuple[float, float]:
+    """Images per second: (HTTP with `clients` concurrent keep-alive connections, in-process single
+    stream), measured in alternating rounds of `per_round` images each, calibration off."""
+    state = threading.local()
+    opened: list[httpx.Client] = []
 
-    def worker() -> None:
-        with httpx.Client(base_url=base, timeout=120) as client:
-            client.post("/v1/segment?calibrate=false", content=data, headers={"content-type": "image/png"})
-            barrier.wait()
-            try:
-                for _ in range(per_client):
-                    response = client.post(
-                        "/v1/segment?calibrate=false", content=data, headers={"content-type": "image/png"}
-                    )
-                    response.raise_for_status()
-            except BaseException as exc:
-                errors.append(exc)
+    def post(_: int) -> None:
+        client = getattr(state, "client", None)
+        if client is None:
+            client = state.client = httpx.Client(base_url=base, timeout=120)
+            opened.append(client)
+        response = client.post(
+            "/v1/segment?calibrate=false", content=data, headers={"content-type": "image/png"}
+        )
+        response.raise_for_status()
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise errors[0]
-    return clients * per_client / elapsed
+    http_s = local_s = 0.0
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(post, range(clients * 2)))  # connections open, warm
+        for _ in range(rounds):
+            start = time.perf_counter()
+            list(pool.map(post, range(per_round)))
+            http_s += time.perf_counter() - start
+            time.sleep(0.1)
+            start = time.perf_counter()
+            for _ in range(per_round):
+                local()
+            local_s += time.perf_counter() - start
+    for client in opened:
+        client.close()
+    return rounds * per_round / http_s, rounds * per_round / local_s
 
 
 def ms(values: np.ndarray) -> str:
@@ -228,7 +235,9 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     parser.add_argument("--requests", type=int, default=40, help="sequential requests per latency row")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--per-client", type=int, default=8, help="requests per concurrent client")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="alternating throughput rounds (4 x clients images each)"
+    )
     parser.add_argument(
         "--variants", action="store_true", help="also measure batching / concurrency settings"
     )
@@ -249,30 +258,33 @@ def main() -> None:
         bound_note = f"{(counts == 1).mean():.0%} of logit pixels decided by the exact bound, " \
             f"{counts.mean():.1f} hypotheses per pixel"  # fmt: skip
 
+        # In-process calls run on a worker thread, as the server runs them: the comparison is then about HTTP.
+        worker = ThreadPoolExecutor(1)
+
+        def local(calibrate: bool) -> Callable[[], object]:
+            return lambda: worker.submit(in_process, model, data, calibrate, settings).result()
+
         with (
             Server(models_dir, model.name, {}) as server,
             httpx.Client(base_url=server.base, timeout=60) as client,
         ):
             measured = interleaved(
                 {
-                    "session": lambda: model.run(tensor),
-                    "local_raw": lambda: in_process(model, data, False, settings),
-                    "local_cal": lambda: in_process(model, data, True, settings),
+                    "session": lambda: worker.submit(model.run, tensor).result(),
+                    "local_raw": local(False),
+                    "local_cal": local(True),
                     "http_raw": http_call(client, data, False),
                     "http_cal": http_call(client, data, True),
                 },
                 args.requests,
             )
-            throughput = http_throughput(server.base, data, args.clients, args.per_client)
-            # The single-stream baseline right after, under the same load.
-            local_throughput = (
-                args.clients
-                * args.per_client
-                / float(
-                    timed(
-                        lambda: in_process(model, data, False, settings), args.clients * args.per_client, 1
-                    ).sum()
-                )
+            throughput, local_throughput = throughputs(
+                server.base,
+                data,
+                args.clients,
+                4 * args.clients,
+                args.rounds,
+                local(False),
             )
         session_only, local_raw, local_cal = measured["session"], measured["local_raw"], measured["local_cal"]
         http_raw, http_cal = measured["http_raw"], measured["http_cal"]
@@ -287,9 +299,15 @@ def main() -> None:
                 with Server(models_dir, model.name, env) as server:
                     with httpx.Client(base_url=server.base, timeout=60) as client:
                         p50 = ms(timed(http_call(client, data, False), max(10, args.requests // 2)))
-                    variants.append(
-                        (label, p50, http_throughput(server.base, data, args.clients, args.per_client))
+                    rate, local_rate = throughputs(
+                        server.base,
+                        data,
+                        args.clients,
+                        4 * args.clients,
+                        2,
+                        local=local(False),
                     )
+                    variants.append((label, p50, rate / local_rate))
 
     raw_ratio = float(np.median(http_raw) / np.median(local_raw))
     cal_ratio = float(np.median(http_cal) / np.median(http_raw))
@@ -317,9 +335,8 @@ def main() -> None:
     ]
     for label, value, target in rows:
         print(f"{label:<58} {value:>10}  {target}")
-    for label, p50, rate in variants:
-        print(f"variant {label:<50} p50 {p50} ms, {args.clients} clients {rate:.1f} img/s", end="")
-        print(f" ({rate / local_throughput:.2f}x)")
+    for label, p50, ratio in variants:
+        print(f"variant {label:<50} p50 {p50} ms, {args.clients}-client / in-process throughput {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Options become ``BLDA_*`` environment variables before uvicorn starts, so that every worker process
 builds the same settings through :func:`service.app.app_from_environment`. With several workers,
 Prometheus needs a shared directory for its multiprocess mode: unless ``PROMETHEUS_MULTIPROC_DIR`` is
-set, a fresh one is created for this run (and removed afterwards).
+set, a fresh one is created for this run (and removed afterwards); a given one is emptied of stale
+metric files first.
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ def _fail(message: str) -> typer.Exit:
 
 
 def prepare_multiprocess_dir(workers: int, environ: dict[str, str] | os._Environ[str]) -> Path | None:
-    """For workers > 1 without PROMETHEUS_MULTIPROC_DIR: create an empty one, set it; return it to remove."""
-    preset = environ.get(MULTIPROC_ENV)
-    if preset:
-        # A directory given by the operator is kept but emptied of an earlier run's values, which would
-        # otherwise be added to this run's (counters) or linger (gauges of dead workers).
-        Path(preset).mkdir(parents=True, exist_ok=True)
-        for stale in Path(preset).glob("*.db"):
+    """Prometheus' multiprocess directory, ready for a fresh run; returns it when created here (to remove).
+
+    A directory given in PROMETHEUS_MULTIPROC_DIR is created if missing and emptied of the metric files a
+    previous run left (``*.db``: stale values would otherwise add to the new ones). Without one, several
+    workers get a fresh temporary directory; a single worker needs none.
+    """
+    given = environ.get(MULTIPROC_ENV)
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
             stale.unlink()
         return None
     if workers <= 1:

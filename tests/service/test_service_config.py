@@ -70,8 +70,19 @@ def test_prometheus_directory_only_for_several_workers(tmp_path: Path) -> None:
     assert created is not None and created.is_dir() and not any(created.iterdir())
     assert environ[MULTIPROC_ENV] == str(created)
     os.rmdir(created)
-    preset = {MULTIPROC_ENV: str(tmp_path)}
-    assert prepare_multiprocess_dir(3, preset) is None and preset[MULTIPROC_ENV] == str(tmp_path)
+
+
+def test_a_given_prometheus_directory_is_emptied_of_stale_metrics(tmp_path: Path) -> None:
+    given = tmp_path / "prometheus"
+    given.mkdir()
+    (given / "counter_123.db").write_bytes(b"stale")
+    (given / "keep.txt").write_text("not a metric file")
+    preset = {MULTIPROC_ENV: str(given)}
+    assert prepare_multiprocess_dir(3, preset) is None and preset[MULTIPROC_ENV] == str(given)
+    assert sorted(p.name for p in given.iterdir()) == ["keep.txt"]
+    missing = {MULTIPROC_ENV: str(tmp_path / "new" / "dir")}
+    prepare_multiprocess_dir(1, missing)
+    assert (tmp_path / "new" / "dir").is_dir()
 
 
 def test_micro_batcher_batches_concurrent_requests_and_returns_each_its_own() -> None:

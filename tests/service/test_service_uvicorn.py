@@ -115,7 +115,7 @@ def test_real_server_segments_an_uploaded_image(server: str) -> None:
             {"content": too_big, "headers": {"content-type": "image/png"}},
             {"files": {"file": ("big.png", too_big, "image/png")}},
         ):
-            response = http.post("/v1/segment", **request)  # type: ignore[arg-type]
+            response = http.post("/v1/segment", **request)
             assert response.status_code == 413 and response.json()["type"] == "/problems/payload-too-large"
         assert http.post(
             "/v1/segment", content=png_bytes(rgb), headers={"content-type": "image/png"}
