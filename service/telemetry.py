@@ -35,7 +35,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from calibration.bias import bias_from_confusion, iou_from_confusion
-from calibration.tables import CalibrationTables, anchor_quantile, positive_quantile
+from calibration.distributions import Gmm, gmm_cdf
+from calibration.tables import CalibrationTables
 from service.feedback import FeedbackSettings, FeedbackStore
 from service.imaging import nearest_indices
 from service.records import SegmentationRecord
@@ -91,6 +92,68 @@ def bucket_counts(
 
 
 @dataclass(frozen=True)
+class QuantileTables:
+    """The CDFs of the quantile histograms, tabulated on uniform grids once per bundle version.
+
+    ``calibration.tables.positive_quantile``/``anchor_quantile`` evaluate the mixtures per pixel: K normal
+    CDFs for u and C·K for the anchor (≈ 10 and ≈ 90 ms for 128 x 256 logits at 19 classes, K = 3). On a
+    uniform grid a lookup is index arithmetic and one linear interpolation (≈ 1 ms). The error is far
+    below the histograms' 0.1-wide buckets: < 1e-5 for the test bundle, < 2e-4 with a component 400x
+    narrower than the mixture's support (tested against the core's functions).
+    """
+
+    lo: np.ndarray  # (G,) first knot of each table: one per class for F_cc, then the anchor F_p
+    step: np.ndarray  # (G,) knot spacing
+    cdf: np.ndarray  # (G, N) CDF at the knots, non-decreasing, in [0, 1]
+
+
+def _support(gmm: Gmm) -> tuple[np.ndarray, np.ndarray]:
+    """(*B,) lower and upper ends of the mixtures (±9 standard deviations of the live components)."""
+    live = gmm.weights > 0
+    lo = np.min(np.where(live, gmm.means - 9.0 * gmm.stds, np.inf), axis=-1)
+    hi = np.max(np.where(live, gmm.means + 9.0 * gmm.stds, -np.inf), axis=-1)
+    empty = ~np.isfinite(lo)  # no live component (a class never seen): F = 0, as gmm_cdf gives
+    return np.where(empty, 0.0, lo), np.where(empty, 1.0, hi)
+
+
+def tabulate_quantiles(tables: CalibrationTables, num_knots: int = 8192) -> QuantileTables:
+    c = tables.num_classes
+    t = tables.target
+    diag = np.arange(c)
+    positive = Gmm(t.weights[diag, diag], t.means[diag, diag], t.stds[diag, diag])  # (C, K)
+    lo_p, hi_p = _support(positive)  # (C,)
+    lo_a, hi_a = _support(tables.anchor_pos)  # ()
+    lo = np.append(lo_p, lo_a)  # (C + 1,)
+    hi = np.append(hi_p, hi_a)
+    grid = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, num_knots)  # (C + 1, N)
+    cdf = np.concatenate([gmm_cdf(grid[:c], positive), gmm_cdf(grid[c], tables.anchor_pos)[None]])
+    cdf = np.clip(np.maximum.accumulate(np.nan_to_num(cdf), axis=1), 0.0, 1.0)
+    return QuantileTables(lo=lo, step=(hi - lo) / (num_knots - 1), cdf=cdf)
+
+
+def _lookup(z: np.ndarray, table: np.ndarray, q: QuantileTables) -> np.ndarray:
+    """z (P,) through table (P,) (the row of q per value) by linear interpolation; clamped at the ends."""
+    n = q.cdf.shape[1]
+    table = table.astype(np.int64, copy=False)  # uint8 class ids would overflow table * n
+    position = np.clip((z - q.lo[table]) / q.step[table], 0.0, n - 1.0)  # (P,)
+    left = np.minimum(position.astype(np.int64), n - 2)
+    frac = position - left
+    flat = q.cdf.reshape(-1)
+    base = table * n + left
+    return flat[base] + frac * (flat[base + 1] - flat[base])
+
+
+def positive_quantiles(z: np.ndarray, cls: np.ndarray, q: QuantileTables) -> np.ndarray:
+    """z (P,) logits of the decided classes cls (P,) -> u = F_cc(z) (P,) under the target positive pair."""
+    return _lookup(z, cls, q)
+
+
+def anchor_quantiles(z: np.ndarray, q: QuantileTables) -> np.ndarray:
+    """z (P,) -> F_p(z) (P,) under the source positive anchor (the last table)."""
+    return _lookup(z, np.full(z.shape, q.cdf.shape[0] - 1, dtype=np.int64), q)
+
+
+@dataclass(frozen=True)
 class DecisionStats:
     """Increments for one decision (raw or calibrated) of one request; pixels at input resolution."""
 
@@ -118,7 +181,7 @@ def decision_stats(
     winning_logits: np.ndarray,
     weights: np.ndarray,
     num_classes: int,
-    tables: CalibrationTables | None,
+    quantiles: QuantileTables | None,
 ) -> DecisionStats:
     """decision (h, w) int, winning_logits (h, w): the logit of the decided class, weights (h, w)."""
     cls = decision.ravel().astype(np.int64)  # (P,)
@@ -126,10 +189,10 @@ def decision_stats(
     wt = weights.ravel().astype(np.float64)  # (P,)
     logit_counts, logit_sums = bucket_counts(z, cls, wt, LOGIT_BUCKETS, num_classes)
     quantile_counts = quantile_sums = anchor_counts = anchor_sums = None
-    if tables is not None:
-        u = positive_quantile(z, cls, tables)  # (P,)
+    if quantiles is not None:
+        u = positive_quantiles(z, cls, quantiles)  # (P,)
         quantile_counts, quantile_sums = bucket_counts(u, cls, wt, QUANTILE_BUCKETS, num_classes)
-        a = anchor_quantile(z, tables)  # (P,)
+        a = anchor_quantiles(z, quantiles)  # (P,)
         anchor_counts, anchor_sums = bucket_counts(a, cls, wt, QUANTILE_BUCKETS, num_classes)
     return DecisionStats(
         pixels=class_pixels(decision, weights, num_classes),
@@ -142,17 +205,17 @@ def decision_stats(
     )
 
 
-def request_stats(record: SegmentationRecord) -> RequestStats:
-    """All per-class increments of one served request."""
+def request_stats(record: SegmentationRecord, quantiles: QuantileTables | None) -> RequestStats:
+    """All per-class increments of one served request; quantiles from ``record.tables`` (None: no histograms)."""
     logits = record.logits  # (C, h, w)
     num_classes = logits.shape[0]
     weights = pixel_weights(record.raw_decision.shape, record.input_size)  # (h, w)
-    raw = decision_stats(record.raw_decision, record.winning_logits, weights, num_classes, record.tables)
+    raw = decision_stats(record.raw_decision, record.winning_logits, weights, num_classes, quantiles)
     if record.calibrated_decision is None:
         return RequestStats(num_classes=num_classes, raw=raw, calibrated=None, flipped=None)
     cal = record.calibrated_decision
     cal_logits = np.take_along_axis(logits, cal[None].astype(np.intp), axis=0)[0]  # (h, w)
-    calibrated = decision_stats(cal, cal_logits, weights, num_classes, record.tables)
+    calibrated = decision_stats(cal, cal_logits, weights, num_classes, quantiles)
     changed = cal != record.raw_decision  # (h, w)
     flipped = np.stack(
         [
@@ -431,6 +494,7 @@ class Telemetry:
         )  # fmt: skip
         self._lock = threading.Lock()
         self._children: dict[tuple[str, str], _Children] = {}
+        self._quantiles: dict[tuple[str, str], QuantileTables] = {}
         self.totals: dict[tuple[str, str], BiasTotals] = {}
 
     # -- bundles ---------------------------------------------------------------------------------------
@@ -452,6 +516,7 @@ class Telemetry:
             totals = BiasTotals(class_names=names)
             self.model_info.labels(model, version, str(tables is not None).lower()).set(1)
             if tables is not None:
+                self._quantiles[key] = tabulate_quantiles(tables)
                 totals.source_share, totals.target_share = table_shares(tables)
                 for domain, shares in zip(DOMAINS, (totals.source_share, totals.target_share), strict=True):
                     for name, share in zip(names, shares, strict=True):
@@ -485,8 +550,8 @@ class Telemetry:
         """A segmentation observer (``app.state.segmentation_observers``): runs after the response is sent."""
         names = self._class_names(record)
         self.register_version(record.model_name, record.model_version, names, record.tables)
-        stats = request_stats(record)
         key = (record.model_name, record.model_version)
+        stats = request_stats(record, self._quantiles[key] if record.tables is not None else None)
         children = self._children[key]
         timings = record.timings
         for stage in STAGES:

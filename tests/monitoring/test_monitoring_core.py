@@ -10,7 +10,8 @@ from monitoring_helpers import CLASS_NAMES, fitted_tables, model_weights, random
 from prometheus_client import CollectorRegistry, Histogram
 
 from calibration.bias import bias_from_confusion, iou_from_confusion
-from calibration.tables import CalibrationTables, anchor_quantile, positive_quantile
+from calibration.distributions import Gmm
+from calibration.tables import CalibrationTables, anchor_quantile, build_calibration_tables, positive_quantile
 from service.imaging import resize_nearest
 from service.telemetry import (
     LOGIT_BUCKETS,
@@ -19,11 +20,14 @@ from service.telemetry import (
     Telemetry,
     add_histogram_counts,
     add_request,
+    anchor_quantiles,
     bias_report,
     bucket_counts,
     class_pixels,
     pixel_weights,
+    positive_quantiles,
     request_stats,
+    tabulate_quantiles,
     uniform_l1,
 )
 
@@ -87,7 +91,8 @@ def test_request_stats_match_a_per_pixel_reference_at_input_resolution(
     tables: CalibrationTables, input_size: tuple[int, int], calibrate: bool
 ) -> None:
     record = random_record(tables, seed=sum(input_size), input_size=input_size, calibrate=calibrate)
-    stats = request_stats(record)
+    quantiles = tabulate_quantiles(tables)
+    stats = request_stats(record, quantiles)
     height, width = input_size
     # Reference: resize everything to the input, then count pixel by pixel.
     raw_up = resize_nearest(record.raw_decision, height, width).ravel()
@@ -100,8 +105,8 @@ def test_request_stats_match_a_per_pixel_reference_at_input_resolution(
     for decision, side in zip(decisions, sides, strict=True):
         assert side is not None
         z = logits_up[decision, np.arange(decision.size)]
-        u = positive_quantile(z, decision, tables)
-        a = anchor_quantile(z, tables)
+        u = positive_quantiles(z, decision, quantiles)
+        a = anchor_quantiles(z, quantiles)
         pixels = np.zeros(C, np.int64)
         logit_counts = np.zeros((C, len(LOGIT_BUCKETS) + 1))
         u_counts = np.zeros((C, len(QUANTILE_BUCKETS) + 1))
@@ -129,8 +134,35 @@ def test_request_stats_match_a_per_pixel_reference_at_input_resolution(
         assert stats.calibrated is None and stats.flipped is None
 
 
+def wide_tables() -> CalibrationTables:
+    """19 classes, 3 components each, one of them narrow: the hard case for a uniform grid."""
+    rng = np.random.default_rng(5)
+    c = 19
+    means = rng.normal(-1.0, 2.0, (c, c, 3))
+    stds = rng.uniform(0.3, 2.0, (c, c, 3))
+    stds[:, :, 0] = 0.05
+    counts = rng.integers(100, 10_000, (c, c))
+    counts[4, :] = 0  # a class never seen
+    return build_calibration_tables(Gmm(rng.dirichlet(np.ones(3), (c, c)), means, stds), counts, num_knots=64)
+
+
+@pytest.mark.parametrize("which", ["fitted", "wide"])
+def test_tabulated_quantiles_match_the_core(tables: CalibrationTables, which: str) -> None:
+    t = tables if which == "fitted" else wide_tables()
+    q = tabulate_quantiles(t)
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(0.0, 6.0, 100_000), [-1e6, 1e6, 0.0]])
+    cls = rng.integers(0, t.num_classes, z.size)
+    u = positive_quantiles(z, cls, q)
+    a = anchor_quantiles(z, q)
+    atol = 1e-5 if which == "fitted" else 2e-4
+    np.testing.assert_allclose(u, positive_quantile(z, cls, t), atol=atol)
+    np.testing.assert_allclose(a, anchor_quantile(z, t), atol=atol)
+    assert u.min() >= 0.0 and u.max() <= 1.0 and a.min() >= 0.0 and a.max() <= 1.0
+
+
 def test_no_tables_means_no_quantiles() -> None:
-    stats = request_stats(random_record(None, seed=1, calibrate=False))
+    stats = request_stats(random_record(None, seed=1, calibrate=False), None)
     assert stats.raw.quantile_counts is None and stats.raw.anchor_counts is None
     assert stats.raw.pixels.sum() == 30 * 41
 
@@ -152,9 +184,10 @@ def test_uniform_l1_is_mean_gap_between_bucket_cdf_and_diagonal() -> None:
 
 def test_bias_report_uses_the_core_measures(tables: CalibrationTables) -> None:
     totals = BiasTotals(class_names=CLASS_NAMES)
+    quantiles = tabulate_quantiles(tables)
     for seed in range(3):
-        add_request(totals, request_stats(random_record(tables, seed)))
-    add_request(totals, request_stats(random_record(tables, 9, calibrate=False)))
+        add_request(totals, request_stats(random_record(tables, seed), quantiles))
+    add_request(totals, request_stats(random_record(tables, 9, calibrate=False), quantiles))
     rng = np.random.default_rng(0)
     totals.confusion += rng.integers(0, 50, totals.confusion.shape)
     totals.confusion[:, 2, :] = 0  # a class absent from the ground truth
@@ -227,7 +260,7 @@ def test_telemetry_exports_the_request_increments(tables: CalibrationTables) -> 
     totals = BiasTotals(class_names=CLASS_NAMES)
     for record in records:
         telemetry.observe_segmentation(record)
-        add_request(totals, request_stats(record))
+        add_request(totals, request_stats(record, tabulate_quantiles(tables)))
     for d, decision in enumerate(("raw", "calibrated")):
         for c, name in enumerate(CLASS_NAMES):
             labels = {"model": "m", "version": "1", "class": name, "decision": decision}

@@ -13,7 +13,7 @@ from monitoring_helpers import CLASS_NAMES, fitted_tables, model_weights, random
 from prometheus_client import CollectorRegistry, multiprocess
 
 from service.cli import prepare_multiprocess_dir
-from service.telemetry import QUANTILE_BUCKETS, BiasTotals, add_request, request_stats
+from service.telemetry import QUANTILE_BUCKETS, BiasTotals, add_request, request_stats, tabulate_quantiles
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -58,8 +58,9 @@ def test_a_scrape_sums_the_workers(tmp_path: Path) -> None:
 
     tables = fitted_tables(*model_weights())
     totals = BiasTotals(class_names=CLASS_NAMES)
+    quantiles = tabulate_quantiles(tables)
     for seed in seeds["a"] + seeds["b"]:
-        add_request(totals, request_stats(random_record(tables, seed, calibrate=seed % 2 == 0)))
+        add_request(totals, request_stats(random_record(tables, seed, calibrate=seed % 2 == 0), quantiles))
     registry = collect(tmp_path)
 
     def get(name: str, **labels: str) -> float:
