@@ -76,7 +76,9 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.enabled:
         return model
     device_ids = [info.local_rank] if torch.cuda.is_available() else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # The CDF head takes no part in the loss when λ = 0 (and in the mixed-image loss ever), so some
+    # parameters get no gradient in a backward pass.
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
