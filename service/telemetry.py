@@ -512,7 +512,7 @@ class Telemetry:
             if key in self._children:
                 return
             names = tuple(class_names)
-            self._children[key] = self._make_children(model, version, names)
+            children = self._make_children(model, version, names)
             totals = BiasTotals(class_names=names)
             self.model_info.labels(model, version, str(tables is not None).lower()).set(1)
             if tables is not None:
@@ -522,6 +522,7 @@ class Telemetry:
                     for name, share in zip(names, shares, strict=True):
                         self.table_share.labels(model, version, name, domain).set(float(np.nan_to_num(share)))
             self.totals[key] = totals
+            self._children[key] = children  # last: its presence means the version is complete
 
     def _make_children(self, model: str, version: str, names: tuple[str, ...]) -> _Children:
         def per_class(metric: Any) -> list[list[Any]]:

@@ -24,6 +24,9 @@ def exact_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Calibr
 
 @pytest.fixture
 def client(exact_models: tuple[Path, CalibrationTables]) -> Iterator[TestClient]:
-    settings = ServiceSettings(models_dir=exact_models[0], intra_op_threads=1, cpu_threads=2)
+    # CPU provider: the test bundle relies on exact float32 arithmetic (a GPU may round through TF32).
+    settings = ServiceSettings(
+        models_dir=exact_models[0], intra_op_threads=1, cpu_threads=2, execution_provider="cpu"
+    )
     with TestClient(create_app(settings)) as test_client:
         yield test_client

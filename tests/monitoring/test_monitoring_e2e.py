@@ -234,6 +234,7 @@ def test_prometheus_rules_match_the_served_traffic(
         "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
         "BLDA_INTRA_OP_THREADS": "1",
         "BLDA_CPU_THREADS": "2",
+        "BLDA_EXECUTION_PROVIDER": "cpu",  # exact float32 arithmetic (a GPU may round through TF32)
     }
     serve = [sys.executable, "-m", "blda", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
              "--models-dir", str(models_dir), "--log-level", "warning", "--no-access-log"]  # fmt: skip
