@@ -79,7 +79,8 @@ def model_input_size(
         return size
 
     def round_side(side: int) -> int:
-        return max(multiple_of, round(side / multiple_of) * multiple_of)
+        # Halves round up (Python's round() would send them to the even multiple).
+        return max(multiple_of, (side + multiple_of // 2) // multiple_of * multiple_of)
 
     return round_side(height), round_side(width)
 

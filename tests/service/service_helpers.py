@@ -24,7 +24,7 @@ STRIDE = 4
 ADMIN_KEY = "test-admin-key"
 
 
-def tiny_model(seed: int, num_classes: int = NUM_CLASSES) -> bytes:
+def tiny_model(seed: int, num_classes: int = NUM_CLASSES, input_name: str = "image") -> bytes:
     """image (N, 3, H, W) -> AveragePool 4x4 -> 1x1 conv -> logits (N, C, H/4, W/4); N, H, W dynamic."""
     rng = np.random.default_rng(seed)
     # Weights scaled so that many pixels have small top-1/top-2 margins: calibration then flips some.
@@ -33,12 +33,16 @@ def tiny_model(seed: int, num_classes: int = NUM_CLASSES) -> bytes:
     graph = helper.make_graph(
         [
             helper.make_node(
-                "AveragePool", ["image"], ["pooled"], kernel_shape=[STRIDE, STRIDE], strides=[STRIDE, STRIDE]
+                "AveragePool",
+                [input_name],
+                ["pooled"],
+                kernel_shape=[STRIDE, STRIDE],
+                strides=[STRIDE, STRIDE],
             ),
             helper.make_node("Conv", ["pooled", "weight", "bias"], ["logits"], kernel_shape=[1, 1]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes, "h", "w"])],
         initializer=[numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(bias, "bias")],
     )

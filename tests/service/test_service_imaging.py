@@ -105,6 +105,7 @@ def test_model_input_size() -> None:
     assert model_input_size(500, 700, (256, 512), 32) == (256, 512)
     assert model_input_size(500, 700, None, 32) == (512, 704)
     assert model_input_size(5, 7, None, 32) == (32, 32)
+    assert model_input_size(48, 80, None, 32) == (64, 96)  # halves round up
 
 
 def test_preprocess_matches_the_formula() -> None:

@@ -333,3 +333,18 @@ def test_micro_batching_gives_the_same_masks(models_dir: Path) -> None:
     for response, mask in zip(responses, expected, strict=True):
         assert response.status_code == 200
         assert np.array_equal(mask_of(response), mask)
+
+
+def test_a_server_fault_is_a_500_problem_with_the_request_id(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_run(self: object, batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("device lost")
+
+    with TestClient(create_app(settings_for(models_dir)), raise_server_exceptions=False) as client:
+        monkeypatch.setattr("service.inference.ServedModel.run", broken_run)
+        response = client.post("/v1/segment", content=VALID, headers={**PNG, "X-Request-Id": "trace-500"})
+    assert response.status_code == 500
+    body = response.json()
+    assert body["type"] == "/problems/internal-error" and body["request_id"] == "trace-500"
+    assert "device lost" not in response.text  # internals stay in the log
