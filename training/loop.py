@@ -1,5 +1,9 @@
 """The training loop: source-only, self-training (DACS-style) and self-training + BLDA.
 
+Corrections are applied at the logits' resolution, where the logits live: with label-resolution losses the
+corrected logits z − tΔ(z) are upsampled, which is the same as upsampling z and Δ separately (bilinear
+interpolation is linear) at a quarter of the cost; Δ uses nearest-downsampled labels and domain masks.
+
 `train_step` only orchestrates the components (gmm, losses, teacher, pseudo_labels, mixing). All randomness
 of iteration i comes from generators seeded by (seed, i, rank), and the global torch RNG (dropout) is reseeded
 the same way, so a resumed run continues exactly and a run is deterministic on CPU.
@@ -48,7 +52,7 @@ from training.gmm import (
     shift_for_labels,
     update_gmm,
 )
-from training.losses import cdf_loss, corrected_cross_entropy, weighted_cross_entropy
+from training.losses import cdf_loss, corrected_logits, weighted_cross_entropy
 from training.mixing import class_masks, classmix, strong_augment
 from training.networks import IMAGE_MEAN, IMAGE_STD, build_network
 from training.pseudo_labels import pseudo_labels_from_probs, teacher_probabilities
@@ -183,20 +187,6 @@ def _loss_inputs(logits: torch.Tensor, labels: torch.Tensor, full: bool) -> tupl
     return logits, _down_labels(labels, logits.shape[-2:])
 
 
-def _shift(
-    logits_low: torch.Tensor,  # (N, C, h, w)
-    labels_low: torch.Tensor,  # (N, h, w)
-    table: ShiftTable,
-    size: Sequence[int] | None,
-) -> torch.Tensor:
-    """Δ_{y,l}(z_l) at the logits' resolution (where the logits live; upsampled logits interpolate them),
-    upsampled like the logits when the loss is computed at full resolution."""
-    delta = shift_for_labels(logits_low, labels_low, table)  # (N, C, h, w)
-    if size is not None and delta.shape[-2:] != size:
-        delta = F.interpolate(delta, size=tuple(size), mode="bilinear", align_corners=False)
-    return delta
-
-
 def _cdf_targets(logits_low: torch.Tensor, labels_low: torch.Tensor, gmm: GmmState) -> torch.Tensor:
     """F_yy(z_y) per pixel: (N, h, w), 0 where unlabelled."""
     with torch.no_grad():
@@ -244,13 +234,14 @@ def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
         state.gmm_source = update_gmm(
             state.gmm_source, _pixels(out.logits), src_low.reshape(-1), it, gcfg, gen, ctx.reduce, ctx.gather
         )
-    logits, labels = _loss_inputs(out.logits, source.labels, full)
+    src_logits = out.logits
     if correcting and b.correct_source:
         assert state.shift_source is not None
-        delta = _shift(out.logits, src_low, state.shift_source, labels.shape[-2:] if full else None)
-        loss_src = corrected_cross_entropy(logits, labels, delta, b.t)
-    else:
-        loss_src = weighted_cross_entropy(logits, labels)
+        src_logits = corrected_logits(
+            out.logits, shift_for_labels(out.logits, src_low, state.shift_source), b.t
+        )
+    logits, labels = _loss_inputs(src_logits, source.labels, full)
+    loss_src = weighted_cross_entropy(logits, labels)
     if b.enabled and b.cdf_weight > 0 and state.gmm_source is not None:
         valid = (src_low != IGNORE_INDEX) & state.gmm_source.initialized.diagonal()[
             src_low.clamp_max(cfg.model.num_classes - 1)
@@ -301,22 +292,21 @@ def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
                 ctx.reduce,
                 ctx.gather,
             )
-        logits_m, labels_m = _loss_inputs(out_m.logits, mixed.labels, full)
-        weights = mixed.weights if full else _down_weights(mixed.weights, low_m)
-        weights = weights * ramp
+        mix_logits = out_m.logits
         if correcting and (b.correct_source or b.correct_target):
             assert state.shift_source is not None and state.shift_target is not None
-            out_size = labels_m.shape[-2:] if full else None
-            d_src = _shift(out_m.logits, mix_low, state.shift_source, out_size)
-            d_tgt = _shift(out_m.logits, mix_low, state.shift_target, out_size)
-            dom = mixed.source_mask if full else src_mask_low
+            d_src = shift_for_labels(out_m.logits, mix_low, state.shift_source)
+            d_tgt = shift_for_labels(out_m.logits, mix_low, state.shift_target)
             zero = torch.zeros_like(d_src)
-            delta = torch.where(
-                dom[:, None], d_src if b.correct_source else zero, d_tgt if b.correct_target else zero
+            delta = torch.where(  # source pixels use source GMMs, target pixels target GMMs
+                src_mask_low[:, None],
+                d_src if b.correct_source else zero,
+                d_tgt if b.correct_target else zero,
             )
-            loss_mix = corrected_cross_entropy(logits_m, labels_m, delta, b.t, weights)
-        else:
-            loss_mix = weighted_cross_entropy(logits_m, labels_m, weights)
+            mix_logits = corrected_logits(out_m.logits, delta, b.t)
+        logits_m, labels_m = _loss_inputs(mix_logits, mixed.labels, full)
+        weights = mixed.weights if full else _down_weights(mixed.weights, low_m)
+        loss_mix = weighted_cross_entropy(logits_m, labels_m, weights * ramp)
         loss_mix.backward()
         metrics["loss_mix"] = float(loss_mix.detach())
         metrics["pseudo_weight"] = pl.weight

@@ -23,6 +23,15 @@ def weighted_cross_entropy(
     return per_pixel.sum() / valid.sum().clamp_min(1.0)
 
 
+def corrected_logits(
+    logits: torch.Tensor,  # (N, C, h, w)
+    delta: torch.Tensor,  # (N, C, h, w): Δ_{y,l}(z_l)
+    t: float = 0.1,
+) -> torch.Tensor:
+    """z − t·Δ(z) with Δ a constant (no gradient): the logits a corrected loss sees."""
+    return logits - t * delta.detach()
+
+
 def corrected_cross_entropy(
     logits: torch.Tensor,  # (N, C, H, W)
     labels: torch.Tensor,  # (N, H, W)
@@ -31,7 +40,7 @@ def corrected_cross_entropy(
     weights: torch.Tensor | None = None,  # (N, H, W)
 ) -> torch.Tensor:
     """CE(z − t·Δ(z), y): a logit-adjusted loss, so that the raw logits come out balanced."""
-    return weighted_cross_entropy(logits - t * delta.detach(), labels, weights)
+    return weighted_cross_entropy(corrected_logits(logits, delta, t), labels, weights)
 
 
 def cdf_loss(
