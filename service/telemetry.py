@@ -524,6 +524,9 @@ class Telemetry:
             self.totals[key] = totals
             self._children[key] = children  # last: its presence means the version is complete
 
+    def has_version(self, model: str, version: str) -> bool:
+        return (model, version) in self._children
+
     def _make_children(self, model: str, version: str, names: tuple[str, ...]) -> _Children:
         def per_class(metric: Any) -> list[list[Any]]:
             return [[metric.labels(model, version, n, d) for n in names] for d in DECISIONS]
@@ -675,18 +678,27 @@ def _names_from_registry(registry: ModelRegistry, model: str, version: str) -> l
     return state.model.bundle.manifest.class_names
 
 
+def register_loaded_versions(telemetry: Telemetry, registry: ModelRegistry) -> None:
+    """Create the series of every loaded version not seen yet (at start, and at each scrape after a reload).
+
+    A version first seen in a request would appear in Prometheus with its first increments already
+    in, which ``rate()`` cannot count; created at a scrape, it appears at 0.
+    """
+    for state in registry.models():
+        for version in state.versions.values():
+            if version.model is not None and not telemetry.has_version(state.name, version.version):
+                bundle = version.model.bundle
+                names = bundle.manifest.class_names
+                telemetry.register_version(state.name, version.version, names, bundle.tables)
+
+
 def start_monitoring(app: Any, registry: ModelRegistry) -> None:
     """Create the telemetry and the feedback store on ``app.state`` and register their observers.
 
     Every loaded version's series are created at 0 here, before the first scrape.
     """
     telemetry = Telemetry(class_names_of=partial(_names_from_registry, registry))
-    for state in registry.models():
-        for version in state.versions.values():
-            if version.model is not None:
-                bundle = version.model.bundle
-                names = bundle.manifest.class_names
-                telemetry.register_version(state.name, version.version, names, bundle.tables)
+    register_loaded_versions(telemetry, registry)
     settings = FeedbackSettings()
     store = FeedbackStore(max_entries=settings.max_entries, ttl_s=settings.ttl_s)
     app.state.telemetry = telemetry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from monitoring_helpers import (
     MODEL,
     Expected,
     decode_png,
+    manifest,
     model_weights,
+    onnx_model,
     png,
     reference_logits,
     require_tool,
@@ -24,7 +27,10 @@ from monitoring_helpers import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from calibration.bias import bias_from_confusion, iou_from_confusion
+from calibration.bundle import save_bundle
 from calibration.tables import CalibrationTables
+from service.app import create_app
+from service.settings import ServiceSettings
 
 C = len(CLASS_NAMES)
 SEGMENT = f"/v1/models/{MODEL}/segment"
@@ -211,3 +217,27 @@ def test_promtool_accepts_the_scrape(client: TestClient, served) -> None:
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_version_loaded_by_a_reload_appears_at_zero_on_the_next_scrape(
+    tmp_path: Path, exact_models: tuple[Path, CalibrationTables]
+) -> None:
+    models_dir = tmp_path / "models"
+    shutil.copytree(exact_models[0], models_dir)
+    settings = ServiceSettings(
+        models_dir=models_dir, intra_op_threads=1, cpu_threads=2, execution_provider="cpu"
+    )
+    with TestClient(create_app(settings)) as client:
+        weight, bias = model_weights()
+        save_bundle(
+            models_dir,
+            onnx_model(weight, bias),
+            exact_models[1],
+            manifest().model_copy(update={"version": "2"}),
+        )
+        client.app.state.registry.reload(MODEL)  # type: ignore[attr-defined]  # what POST .../reload does
+        samples = scrape(client)
+        labels = tuple(sorted({"model": MODEL, "version": "2", "class": "sky", "decision": "raw"}.items()))
+        assert samples[("blda_predicted_pixels_total", labels)] == 0
+        info = tuple(sorted({"model": MODEL, "version": "2", "calibration": "true"}.items()))
+        assert samples[("blda_model_info", info)] == 1
