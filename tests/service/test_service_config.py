@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -120,3 +122,17 @@ def test_micro_batcher_propagates_errors() -> None:
             assert all(isinstance(r, RuntimeError) for r in results)
 
     asyncio.run(main())
+
+
+def test_the_service_imports_neither_torch_nor_onnx() -> None:
+    code = (
+        "import sys\n"
+        "from service.app import create_app\n"
+        "import service.cli, blda.cli\n"
+        "create_app()\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'training.loop') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
