@@ -152,6 +152,28 @@ def test_topk_with_k_equal_c_is_the_full_rule_and_k1_is_argmax(seed: int, tau: f
     assert np.all(rank < 3)
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), tau=st.floats(0.0, 2.0), k=st.integers(2, 6), near_constant=st.booleans())
+def test_topk_equals_reference_restricted_to_the_k_largest_logits(
+    seed: int, tau: float, k: int, near_constant: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    c = 7
+    tables = near_constant_tables(rng, c) if near_constant else random_tables(rng, c)
+    logits = random_logits(rng, c, 6, 7, 1.0)
+    got = calibrated_decision_topk(logits, tables, tau=tau, k=k)
+    for i in range(6):
+        for j in range(7):
+            z = logits[:, i, j].astype(np.float64)
+            tried = np.argsort(-z, kind="stable")[:k]
+            s = reference_scores(z, tables, tau)
+            best = tried[np.argmax(s[tried])]
+            if got[i, j] != best:
+                # Only at float32 near-ties of the two best tried hypotheses.
+                assert abs(np.log(s[got[i, j]]) - np.log(s[best])) < 1e-4
+                assert got[i, j] in tried
+
+
 def test_batched_and_chunked_inputs_give_the_same_decisions() -> None:
     rng = np.random.default_rng(2)
     c = 5
