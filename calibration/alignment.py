@@ -279,7 +279,7 @@ def _refine(z: np.ndarray, top: np.ndarray, cand: np.ndarray, prep: _Prepared) -
     if prep.refine_dtype is None:
         return cand
     cols = np.arange(z.shape[1])
-    zf = z.astype(prep.refine_dtype, copy=False)
+    zf: np.ndarray = z.astype(prep.refine_dtype, copy=False)
     e = zf - zf[top, cols]
     np.exp(e, out=e)  # (C, P) in (0, 1]; what underflows is far below the candidates (see _prepare)
     a = _matmul_columns(prep.exp_lo, e)  # (C, P)
