@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service.imaging import MEDIA_TYPES
 from service.problems import Problem
@@ -30,11 +31,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise Problem("payload-too-large", f"expected a body of at most {limit} bytes, got {int(declared)}")
     chunks = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise Problem("payload-too-large", f"expected a body of at most {limit} bytes, got more")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise Problem("payload-too-large", f"expected a body of at most {limit} bytes, got more")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        # Nobody reads this answer; it only keeps a client's hang-up out of the error log.
+        raise Problem(
+            "invalid-request", f"expected a complete body, got {received} bytes and a hang-up"
+        ) from exc
     return b"".join(chunks)
 
 
