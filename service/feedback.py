@@ -49,7 +49,7 @@ class MaskError(ValueError):
 
 
 class FeedbackError(LookupError):
-    """A request id the store cannot give feedback for; ``reason`` is ``unknown``, ``expired`` or ``used``."""
+    """A request id the store cannot give feedback for; ``reason``: ``unknown`` (or expired), ``used``."""
 
     def __init__(self, request_id: str, reason: str, message: str) -> None:
         super().__init__(message)

@@ -585,6 +585,12 @@ class Telemetry:
 
     def observe_feedback(self, model: str, version: str, confusion: np.ndarray) -> None:
         """Add one ground-truth mask's confusion counts (2, C, C) [decision, true, predicted]."""
+        if not self.has_version(model, version):  # only when the segmentation observer failed for it
+            lookup = self._class_names_of
+            names = (lookup(model, version) if lookup is not None else None) or [
+                str(c) for c in range(len(confusion[0]))
+            ]
+            self.register_version(model, version, names, None)
         children = self._children[(model, version)]
         children.feedback_images.inc()
         for d, t, p in zip(*np.nonzero(confusion), strict=True):

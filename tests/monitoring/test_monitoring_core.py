@@ -318,3 +318,18 @@ def test_versions_first_seen_in_a_request_get_names_from_the_lookup(tables: Cali
     telemetry.observe_segmentation(random_record(tables, 0))
     labels = {"model": "m", "version": "1", "class": "traffic light", "decision": "raw"}
     assert telemetry.registry.get_sample_value("blda_predicted_pixels_total", labels) is not None
+
+
+def test_feedback_for_a_version_never_registered_still_counts() -> None:
+    telemetry = Telemetry(class_names_of=lambda model, version: CLASS_NAMES)
+    confusion = np.zeros((2, C, C), np.int64)
+    confusion[0, 1, 2] = 5
+    telemetry.observe_feedback("m", "7", confusion)
+    labels = {
+        "model": "m",
+        "version": "7",
+        "decision": "raw",
+        "true_class": CLASS_NAMES[1],
+        "class": CLASS_NAMES[2],
+    }
+    assert telemetry.registry.get_sample_value("blda_feedback_confusion_pixels_total", labels) == 5
