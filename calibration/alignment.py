@@ -14,8 +14,8 @@ import numpy as np
 
 from calibration.distributions import Gmm, gmm_cdf, gmm_quantile, tabulate_cdf
 
-# Float32 arithmetic on logits of magnitude up to ~1e3 is off by at most ~1e-4; the bound test gives this
-# much slack so that rounding can only add candidates, never drop the winner.
+# Float32 arithmetic on logits of magnitude |z| is off by ~1e-7 |z| per step; the bound test gives this much
+# slack plus 1e-6 |z| so that rounding can only add candidates, never drop the winner.
 _BOUND_SLACK = 1e-3
 # Elements per (hypothesis, class, pixel) work array in the exact evaluation: bounds its memory (~4 MB).
 _EVAL_BUDGET = 1 << 20
@@ -249,7 +249,8 @@ def _first_pass(z: np.ndarray, prep: _Prepared) -> tuple[np.ndarray, np.ndarray,
     """
     top, zmax = _argmax0(z)  # (P,), (P,)
     cols = np.arange(z.shape[1])
-    best = zmax + prep.low[top, 0] - _BOUND_SLACK  # (P,) lower bound of g_t, up to R_t
+    # (P,) lower bound of g_t up to R_t, less a slack that covers float32 rounding at this magnitude
+    best = zmax + prep.low[top, 0] - (_BOUND_SLACK + 1e-6 * np.abs(zmax))
     w = z + prep.up  # (C, P) upper bounds of g_c, up to R_c
     w[top, cols] = -np.inf
     hard = np.flatnonzero(w.max(axis=0) >= best)
@@ -279,7 +280,10 @@ def _refine(z: np.ndarray, top: np.ndarray, cand: np.ndarray, prep: _Prepared) -
     if prep.refine_dtype is None:
         return cand
     cols = np.arange(z.shape[1])
-    zf: np.ndarray = z.astype(prep.refine_dtype, copy=False)
+    dtype = prep.refine_dtype
+    if dtype is np.float32 and z.size and np.abs(z[top, cols]).max() > 1e3:
+        dtype = np.float64  # float32 differences of large logits would eat the slack
+    zf: np.ndarray = z.astype(dtype, copy=False)
     e = zf - zf[top, cols]
     np.exp(e, out=e)  # (C, P) in (0, 1]; what underflows is far below the candidates (see _prepare)
     a = _matmul_columns(prep.exp_lo, e)  # (C, P)

@@ -186,8 +186,11 @@ def fit(
         source, source_counts, target, target_counts, num_knots=num_knots, eps=eps
     )
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = write_calibration(out / CALIBRATION_FILE, tables)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        path = write_calibration(out / CALIBRATION_FILE, tables)
+    except OSError as exc:
+        raise _fail(f"{out}: expected a writable output directory, got {exc.strerror or exc}") from None
     rows: dict[str, list[Any]] = {
         "source px": [int(v) for v in np.diag(tables.source_counts)],
         "source bias": _nan_to_none(label_free_bias(tables.source, tables.source_counts)),
@@ -247,8 +250,11 @@ def apply(
         pred = calibrated_decision_topk(z, calib.shifts, tau=tau, k=topk)
     else:
         pred = calibrated_decision(z, calib.shifts, tau=tau)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("wb") as f:  # np.save(path) would append .npy to other names
-        np.save(f, pred.astype(dtype))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("wb") as f:  # np.save(path) would append .npy to other names
+            np.save(f, pred.astype(dtype))
+    except OSError as exc:
+        raise _fail(f"{out}: expected a writable output file, got {exc.strerror or exc}") from None
     changed = float(np.mean(pred != z.argmax(axis=1)))
     typer.echo(f"wrote {out} {pred.shape} {dtype}; {changed:.2%} of pixels differ from the raw argmax")

@@ -120,9 +120,10 @@ def near_constant_tables(rng: np.random.Generator, c: int, m: int = 8) -> ShiftT
     tau=st.floats(0.0, 3.0),
     spread=st.floats(0.05, 8.0),
     near_constant=st.booleans(),
+    offset=st.sampled_from([0.0, 0.0, 40.0, -3e4]),
 )
 def test_bound_fast_path_equals_full_evaluation(
-    seed: int, tau: float, spread: float, near_constant: bool
+    seed: int, tau: float, spread: float, near_constant: bool, offset: float
 ) -> None:
     rng = np.random.default_rng(seed)
     c = 19
@@ -130,7 +131,7 @@ def test_bound_fast_path_equals_full_evaluation(
         tables = near_constant_tables(rng, c)
     else:
         tables = random_tables(rng, c, m=32, scale=rng.uniform(0.1, 3.0))
-    logits = random_logits(rng, c, 24, 32, spread)
+    logits = random_logits(rng, c, 24, 32, spread) + np.float32(offset)  # far from 0: rounding grows
     fast = calibrated_decision(logits, tables, tau=tau, chunk_pixels=100)
     full = calibrated_decision(logits, tables, tau=tau, use_bound=False)
     np.testing.assert_array_equal(fast, full)

@@ -226,3 +226,12 @@ def test_apply_bad_files(files: dict[str, Path], tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 2 and "--dtype" in result.output
+    result = runner.invoke(
+        app,
+        ["apply", "--tables", str(files["out"]), "--logits", str(files["target"]), "--out", str(tmp_path)],
+    )
+    _assert_clean_error(result, tmp_path, "expected a writable output file")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = _fit({**files, "out": blocker})
+    _assert_clean_error(result, blocker, "expected a writable output directory")
