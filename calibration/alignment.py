@@ -7,6 +7,7 @@ a pixel with logits z (C,) is argmax_c softmax_l(z_l + tau * Δ_cl(z_l))[c].
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -109,18 +110,25 @@ class _Prepared:
 
 
 _PREPARED: dict[tuple[int, float], tuple[weakref.ref[ShiftTables], _Prepared]] = {}
+_PREPARED_LOCK = threading.Lock()  # servers call the rule from several threads
 
 
 def _prepare(tables: ShiftTables, tau: float) -> _Prepared:
-    """_Prepared for (tables, tau), cached for the few most recent pairs (a server reuses one table)."""
+    """_Prepared for (tables, tau), cached for the few most recent pairs (a server reuses one table).
+
+    Tables are treated as immutable: arrays changed in place after a first call are not seen.
+    """
     key = (id(tables), float(tau))
-    hit = _PREPARED.get(key)
+    with _PREPARED_LOCK:
+        hit = _PREPARED.get(key)
+    # The weak reference tells a live table from a new one that reuses a dead one's id.
     if hit is not None and hit[0]() is tables:
         return hit[1]
     prep = _prepare_uncached(tables, tau)
-    if len(_PREPARED) >= 8:
-        _PREPARED.pop(next(iter(_PREPARED)))
-    _PREPARED[key] = (weakref.ref(tables), prep)
+    with _PREPARED_LOCK:
+        while len(_PREPARED) >= 8:
+            _PREPARED.pop(next(iter(_PREPARED)))
+        _PREPARED[key] = (weakref.ref(tables), prep)
     return prep
 
 

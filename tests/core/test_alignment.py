@@ -269,3 +269,15 @@ def test_shift_tables_map_pair_quantiles_to_anchor_quantiles() -> None:
     # Held constant beyond the grid: |Δ| is bounded by the largest knot value.
     far = shift_values(np.full((c, 2), 1e4, np.float32) * np.array([[-1, 1]], np.float32), t)
     assert np.abs(far).max() <= np.abs(t.delta).max() + 1e-6
+
+
+def test_prepared_tables_are_not_confused_between_table_objects() -> None:
+    """The per-table cache must follow the table object, also when a new one reuses a dead one's id."""
+    rng = np.random.default_rng(9)
+    c = 4
+    logits = random_logits(rng, c, 5, 6, 1.0)
+    for _ in range(5):
+        tables = random_tables(rng, c, scale=3.0)
+        ref, gap = reference_decision(logits, tables, 1.0)
+        assert_same_decision(calibrated_decision(logits, tables, tau=1.0), ref, gap)
+        del tables
