@@ -41,6 +41,8 @@ class DataConfig:
     # A held-out part of target train for any tuning; the evaluation split is never used for choices.
     tuning_fraction: float = 0.1
     val_limit: int = 0  # evaluate on at most this many target val images (0: all)
+    # "val": the evaluation split (reported numbers); "tuning": the held-out part of target train (choices).
+    eval_split: str = "val"
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.data.batch_source > 0, f"data.batch_source: expected > 0, got {cfg.data.batch_source}"),
         (cfg.data.batch_target > 0, f"data.batch_target: expected > 0, got {cfg.data.batch_target}"),
         (0 <= cfg.data.tuning_fraction < 1, "data.tuning_fraction: expected in [0, 1)"),
+        (
+            cfg.data.eval_split in ("val", "tuning"),
+            f"data.eval_split: expected 'val' or 'tuning', got {cfg.data.eval_split!r}",
+        ),
         (cfg.optim.iterations > 0, f"optim.iterations: expected > 0, got {cfg.optim.iterations}"),
         (cfg.optim.lr > 0, f"optim.lr: expected > 0, got {cfg.optim.lr}"),
         (

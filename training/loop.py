@@ -71,6 +71,7 @@ class Domains:
     target_train: NumpyDataset
     target_val: NumpyDataset
     rcs: Any | None = None
+    prescale: float = 1.0  # the datasets were already rescaled by this factor (training.datasets.prescaled)
 
 
 @dataclass
@@ -141,7 +142,8 @@ def build_state(cfg: TrainConfig, world_size: int = 1, rank: int = 0) -> TrainSt
 def _crops(ctx: StepContext) -> dict[str, TrainCrops]:
     if not ctx.crops:
         d = ctx.cfg.data
-        spec = CropSpec(d.crop_height, d.crop_width, d.scale_min, d.scale_max)
+        pre = ctx.domains.prescale
+        spec = CropSpec(d.crop_height, d.crop_width, d.scale_min / pre, d.scale_max / pre)
         ctx.crops["source"] = TrainCrops(ctx.domains.source, spec, labelled=True)
         ctx.crops["target"] = TrainCrops(ctx.domains.target_train, spec, labelled=False)
     return ctx.crops
@@ -455,7 +457,7 @@ def run_training(
     total = cfg.optim.iterations if stop_at is None else min(stop_at, cfg.optim.iterations)
     log = (out / "metrics.jsonl").open("a") if info.is_main else None
     bar = _progress(cfg, info.is_main, state.iteration, total)
-    eval_set = EvalImages(domains.target_val, cfg.data.eval_scale, cfg.data.val_limit)
+    eval_set = EvalImages(domains.target_val, cfg.data.eval_scale / domains.prescale, cfg.data.val_limit)
     running: dict[str, float] = {}
     started = time.perf_counter()
     last_eval: dict[str, Any] = {}

@@ -27,6 +27,10 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Seed (overrides the config).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.pt if present.")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads per process.")] = 1,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Keep the datasets decoded and rescaled here (when the scale is fixed); reused."),
+    ] = None,
 ) -> None:
     """Train one arm; under `torchrun --nproc_per_node N` the processes train data-parallel."""
     from training.config import ConfigError, load_config
@@ -36,6 +40,7 @@ def train(
     except ConfigError as err:
         _fail(str(err))
         return
+    import hashlib
     import json
 
     import torch
@@ -49,7 +54,25 @@ def train(
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
         return
-    domains = Domains(sets["source"], sets["target_train"], sets["target_val"])
+    if cfg.data.eval_split == "tuning" and len(sets["target_tuning"]) == 0:
+        _fail("data.eval_split: expected a tuning split, got data.tuning_fraction = 0")
+    evaluation = sets["target_tuning"] if cfg.data.eval_split == "tuning" else sets["target_val"]
+    domains = Domains(sets["source"], sets["target_train"], evaluation)
+    d = cfg.data
+    if cache_dir is not None and d.scale_min == d.scale_max == d.eval_scale:
+        from training.datasets import prescaled
+
+        key = hashlib.sha1(str(data.resolve()).encode()).hexdigest()[:10]
+        sets_named = {
+            "source": domains.source,
+            f"target-train-{d.tuning_fraction}": domains.target_train,
+            f"target-{d.eval_split}-{d.tuning_fraction}": domains.target_val,
+        }
+        cached = [
+            prescaled(ds, d.scale_min, cache_dir / f"{key}-{name}-{d.scale_min}-{len(ds)}")
+            for name, ds in sets_named.items()
+        ]
+        domains = Domains(cached[0], cached[1], cached[2], prescale=d.scale_min)
     result = run_training(cfg, domains, out, resume=resume)
     if "miou" in result:
         summary = {k: result[k] for k in ("miou", "class_iou_std", "train_seconds", "iteration")}
