@@ -217,6 +217,8 @@ def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
     st, b = cfg.self_training, cfg.blda
     torch.manual_seed(iteration_seed(cfg.seed, it, ctx.rank, STREAM_STEP))  # dropout
     gen = torch.Generator().manual_seed(iteration_seed(cfg.seed, it, ctx.rank, STREAM_STEP + 1))
+    # The GMMs draw from their own stream, so the arms share every other random choice (paired runs).
+    gmm_gen = torch.Generator().manual_seed(iteration_seed(cfg.seed, it, ctx.rank, STREAM_STEP + 2))
     full = cfg.optim.loss_resolution == "full"
     source, target = load_batches(ctx, it)
     assert source.labels is not None
@@ -234,7 +236,14 @@ def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
     if b.enabled:
         assert state.gmm_source is not None
         state.gmm_source = update_gmm(
-            state.gmm_source, _pixels(out.logits), src_low.reshape(-1), it, gcfg, gen, ctx.reduce, ctx.gather
+            state.gmm_source,
+            _pixels(out.logits),
+            src_low.reshape(-1),
+            it,
+            gcfg,
+            gmm_gen,
+            ctx.reduce,
+            ctx.gather,
         )
     src_logits = out.logits
     if correcting and b.correct_source:
@@ -290,7 +299,7 @@ def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
                 tgt_only.reshape(-1),
                 it,
                 gcfg,
-                gen,
+                gmm_gen,
                 ctx.reduce,
                 ctx.gather,
             )
