@@ -40,7 +40,7 @@ from calibration.distributions import fit_pair_gmms
 from calibration.tables import build_calibration_tables
 from service.imaging import decode_image, encode_png_mask, preprocess, resize_nearest
 from service.inference import ServedModel, calibrated, load_served_model, raw_decision
-from service.settings import ServiceSettings
+from service.settings import ServiceSettings, available_cores
 
 REPO = Path(__file__).resolve().parent.parent
 HEIGHT, WIDTH = 512, 1024
@@ -121,6 +121,8 @@ def free_port() -> int:
 
 
 class Server:
+    """`blda serve` with its defaults (access log included) on a free port; its output goes to a log file."""
+
     def __init__(self, models_dir: Path, model: str, env: dict[str, str]) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -134,15 +136,22 @@ class Server:
             "--models-dir",
             str(models_dir),
         ]
-        command += ["--no-access-log", "--log-level", "warning"]
         environment = {**os.environ, "BLDA_DEFAULT_MODEL": model, **env}
-        self.process = subprocess.Popen(command, cwd=REPO, env=environment)
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
+        self.process = subprocess.Popen(
+            command, cwd=REPO, env=environment, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def fail(self, why: str) -> SystemExit:
+        self.log.seek(0)
+        tail = self.log.read().decode(errors="replace")[-3000:]
+        return SystemExit(f"{why}; server output:\n{tail}")
 
     def __enter__(self) -> Server:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SystemExit(f"the server exited with {self.process.returncode}")
+                raise self.fail(f"the server exited with {self.process.returncode}")
             try:
                 if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
                     return self
@@ -150,7 +159,7 @@ class Server:
                 pass
             time.sleep(0.2)
         self.process.kill()
-        raise SystemExit("the server was not ready within 120 s")
+        raise self.fail("the server was not ready within 120 s")
 
     def __exit__(self, *exc: object) -> None:
         self.process.send_signal(signal.SIGINT)
@@ -159,6 +168,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)
+        self.log.close()
 
 
 def interleaved(
@@ -181,12 +191,22 @@ def interleaved(
     return {name: np.array(values) for name, values in times.items()}
 
 
-def http_call(client: httpx.Client, data: bytes, calibrate: bool) -> Callable[[], None]:
+def server_seconds(server_timing: str) -> float:
+    """Sum of the stage durations of a Server-Timing header ("decode;dur=3.1, infer;dur=9.0, ...")."""
+    return sum(float(part.split("dur=")[1]) for part in server_timing.split(",")) / 1000
+
+
+def http_call(
+    client: httpx.Client, data: bytes, calibrate: bool, server_s: list[float] | None = None
+) -> Callable[[], None]:
+    """One POST of the image; the server's own stage seconds are appended to server_s."""
     url = f"/v1/segment?calibrate={str(calibrate).lower()}"
 
     def call() -> None:
         response = client.post(url, content=data, headers={"content-type": "image/png"})
         response.raise_for_status()
+        if server_s is not None:
+            server_s.append(server_seconds(response.headers["server-timing"]))
 
     return call
 
@@ -264,6 +284,7 @@ def main() -> None:
         def local(calibrate: bool) -> Callable[[], object]:
             return lambda: worker.submit(in_process, model, data, calibrate, settings).result()
 
+        stages_s: list[float] = []
         with (
             Server(models_dir, model.name, {}) as server,
             httpx.Client(base_url=server.base, timeout=60) as client,
@@ -273,7 +294,7 @@ def main() -> None:
                     "session": lambda: worker.submit(model.run, tensor).result(),
                     "local_raw": local(False),
                     "local_cal": local(True),
-                    "http_raw": http_call(client, data, False),
+                    "http_raw": http_call(client, data, False, stages_s),
                     "http_cal": http_call(client, data, True),
                 },
                 args.requests,
@@ -314,7 +335,7 @@ def main() -> None:
     tp_ratio = throughput / local_throughput
     print(f"bundle {model.name}/{model.version} ({'trained' if model.bundle.manifest.provenance.trained else 'UNTRAINED'})"
           f", input {HEIGHT}x{WIDTH} PNG ({len(data) // 1024} KiB), model input {tensor.shape[2]}x{tensor.shape[3]}, "
-          f"{threads} onnxruntime threads, {os.cpu_count()} cores\ncalibration tables: {tables_note}; {bound_note}")  # fmt: skip
+          f"{threads} onnxruntime threads, {available_cores()} cores\ncalibration tables: {tables_note}; {bound_note}")  # fmt: skip
     print(f"{'measure':<58} {'value':>10}  target")
     rows = [
         ("in-process onnxruntime session.run alone, p50 ms", ms(session_only), ""),
@@ -322,6 +343,7 @@ def main() -> None:
         ("in-process pipeline, calibrate on, p50 ms", ms(local_cal), ""),
         ("HTTP, calibrate off, p50 ms", ms(http_raw), ""),
         ("HTTP, calibrate on, p50 ms", ms(http_cal), ""),
+        ("HTTP, calibrate off: server stages (Server-Timing), p50 ms", ms(np.array(stages_s[3:])), ""),
         ("HTTP / in-process p50 (calibrate off)", f"{raw_ratio:.3f}", "<= 1.20"),
         (
             "HTTP / session.run alone p50 (for reference)",

@@ -1,4 +1,8 @@
-"""Typed access to what the lifespan puts on ``app.state``, as FastAPI dependencies."""
+"""Typed access to what the lifespan puts on ``app.state``, as FastAPI dependencies.
+
+They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in a worker thread, a
+thread hand-off per dependency per request for what is an attribute read.
+"""
 
 from __future__ import annotations
 
@@ -20,26 +24,26 @@ from service.registry import (
 from service.settings import ServiceSettings
 
 
-def get_settings(request: Request) -> ServiceSettings:
+async def get_settings(request: Request) -> ServiceSettings:
     settings: ServiceSettings = request.app.state.settings
     return settings
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     registry: ModelRegistry | None = getattr(request.app.state, "registry", None)
     if registry is None:
         raise Problem("not-ready", "the service is starting: no model is loaded yet")
     return registry
 
 
-def get_runner(request: Request) -> InferenceRunner:
+async def get_runner(request: Request) -> InferenceRunner:
     runner: InferenceRunner | None = getattr(request.app.state, "runner", None)
     if runner is None:
         raise Problem("not-ready", "the service is starting: no worker pool yet")
     return runner
 
 
-def get_observers(request: Request) -> list[SegmentationObserver]:
+async def get_observers(request: Request) -> list[SegmentationObserver]:
     observers: list[SegmentationObserver] = request.app.state.segmentation_observers
     return observers
 

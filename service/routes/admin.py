@@ -21,7 +21,7 @@ from service.routes.models import ModelSummary, summarise
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the admin key (BLDA_ADMIN_API_KEY)")
 
 
-def require_admin(settings: SettingsDep, key: Annotated[str | None, Security(_api_key)]) -> None:
+async def require_admin(settings: SettingsDep, key: Annotated[str | None, Security(_api_key)]) -> None:
     if settings.admin_api_key is None:
         raise Problem("admin-disabled", "admin endpoints are disabled: set BLDA_ADMIN_API_KEY to enable them")
     if not key:
