@@ -408,12 +408,13 @@ def calibrated_decision(
     For c ≠ t, R_t <= R_c (the two sums differ only by z_c in R_t standing for z_t in R_c, and z_c <= z_t),
     so g_c - g_t <= (z_c + U_c) - (z_t + V_t) with U_c = d_hi_c - n_lo_c and V_t = d_lo_t - n_hi_t:
     hypothesis c ≠ t can only beat t if z_c + U_c >= z_t + V_t (first pass: no exp, all pixels).
-    Pixels with other candidates get a second pass with per-pair ranges L_cl <= τΔ_cl <= H_cl in place of
-    the class-wide n_lo/n_hi (same argument, see `_refine`): c survives only if
-        z_c + d_hi_c - logsumexp_{l≠c}(z_l + L_cl) >= z_t + d_lo_t - logsumexp_{l≠t}(z_l + H_tl).
-    A pixel whose only candidate is t keeps t, exactly; the others evaluate their candidates exactly. The
-    bound only decides which couples to evaluate, never a value, and a small float slack only adds
-    candidates. In practice most pixels stop at the first pass (see `python -m bench calibration`).
+    Pixels with other candidates get a second pass (see `_refine`) that brackets each candidate's g_c
+    directly, with its diagonal shift looked up exactly and per-pair ranges L_cl <= τΔ_cl <= H_cl:
+        a_c - logsumexp_{l≠c}(z_l + H_cl)  <=  g_c  <=  a_c - logsumexp_{l≠c}(z_l + L_cl),
+    and drops every candidate whose upper end is below another's lower end. A pixel left with one
+    candidate gets it, exactly; the others evaluate their candidates exactly. The bound only decides which
+    couples to evaluate, never a value, and a small float slack only adds candidates. On realistic logits
+    the two passes settle ~98% of the pixels (see `python -m bench calibration`).
     """
     c = tables.num_classes
     logits = _check_logits(logits, c)
