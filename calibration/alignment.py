@@ -323,7 +323,9 @@ def _refine(z: np.ndarray, top: np.ndarray, cand: np.ndarray, prep: _Prepared) -
     best = np.zeros(c * p, dtype=dtype)
     best[flat] = lower
     best_low = best.reshape(c, p).max(axis=0)  # (P,)
-    keep = upper >= np.take(best_low, flat - hyp * p) * np.exp(-_BOUND_SLACK)
+    # The same slack as the first pass, in exp units: float32 scores of large logits round by ~1e-7 |z|.
+    slack = np.exp(-(_BOUND_SLACK + 1e-6 * np.abs(zt.astype(np.float64)))).astype(dtype)  # (P,)
+    keep = upper >= np.take(best_low * slack, flat - hyp * p)
     refined = np.zeros(c * p, dtype=bool)
     refined[flat[keep]] = True
     return refined.reshape(c, p)
