@@ -266,7 +266,7 @@ def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
     # Target: ClassMix of source into target with the teacher's pseudo-labels.
     if st.enabled and target is not None and it >= st.start_iter:
         assert state.teacher is not None
-        t_logits = state.teacher(target.images)
+        t_logits = state.teacher(target.images, batch_stats=st.teacher_bn == "batch")
         size = (target.images.shape[-2], target.images.shape[-1])
         scores = None
         if correcting and b.correct_pseudo_labels and state.shift_target is not None:
@@ -468,6 +468,7 @@ def run_training(
     bar = _progress(cfg, info.is_main, state.iteration, total)
     eval_set = EvalImages(domains.target_val, cfg.data.eval_scale / domains.prescale, cfg.data.val_limit)
     running: dict[str, float] = {}
+    finished_before = state.iteration >= cfg.optim.iterations  # resumed a finished run: nothing to redo
     started = time.perf_counter()
     last_eval: dict[str, Any] = {}
     try:
@@ -501,6 +502,13 @@ def run_training(
             bar.close()
         if log is not None:
             log.close()
+    if state.iteration >= cfg.optim.iterations and st_enabled_adabn(cfg) and not finished_before:
+        recalibrate_batchnorm(
+            dist_utils.unwrap(state.model),
+            domains.target_train,
+            cfg.data.eval_scale / domains.prescale,
+            cfg.self_training.adabn_images,
+        )
     train_seconds = time.perf_counter() - started
     result: dict[str, Any] = {"iteration": state.iteration, "train_seconds": train_seconds}
     if evaluate_at_end and state.iteration >= cfg.optim.iterations and info.is_main:
@@ -511,6 +519,43 @@ def run_training(
     dist_utils.barrier()
     result["state"] = state
     return result
+
+
+def st_enabled_adabn(cfg: TrainConfig) -> bool:
+    return cfg.self_training.enabled and cfg.self_training.adabn_images > 0
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, dataset: NumpyDataset, scale: float, count: int, batch: int = 8
+) -> None:
+    """AdaBN: re-estimate BatchNorm running statistics as the plain average over unlabelled target-train
+    images (evenly spaced, whole images at the evaluation scale); weights are unchanged."""
+    n = min(len(dataset), count)
+    if n == 0:
+        return
+    images = EvalImages(dataset, scale, 0)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    was_training = model.training
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    try:
+        picks = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
+        for start in range(0, n, batch):
+            x = collate([_image_only(images, i) for i in picks[start : start + batch]]).images
+            model(x)
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+
+
+def _image_only(images: EvalImages, index: int) -> dict[str, np.ndarray]:
+    return {"image": images[index]["image"]}
 
 
 def _config_dict(cfg: TrainConfig) -> dict[str, Any]:

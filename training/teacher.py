@@ -33,10 +33,24 @@ class EmaTeacher:
                 t.copy_(sb)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> teacher logits (N, C, h, w), in eval mode."""
+    def __call__(self, images: torch.Tensor, batch_stats: bool = False) -> torch.Tensor:
+        """(N, 3, H, W) -> teacher logits (N, C, h, w), in eval mode; with `batch_stats` BatchNorm normalises
+        with the batch's own statistics (the target batch's, not the running ones the student gathered
+        mostly on source), leaving the running statistics untouched."""
         self.module.eval()
-        return self.module(images).logits
+        if not batch_stats:
+            return self.module(images).logits
+        norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [m.momentum for m in norms]
+        for m in norms:
+            m.train()
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+        try:
+            return self.module(images).logits
+        finally:
+            for m, momentum in zip(norms, saved, strict=True):
+                m.momentum = momentum
+                m.eval()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
