@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import manifest, random_tables, settings_for, tiny_model
+from service_helpers import BundleFactory, manifest, random_tables, settings_for, tiny_model
 
 from calibration.bundle import save_bundle
 from calibration.tables import CalibrationTables
@@ -17,9 +17,6 @@ from service.app import create_app
 @pytest.fixture(scope="session")
 def tables() -> CalibrationTables:
     return random_tables(0)
-
-
-BundleFactory = Callable[..., Path]
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import io
 import shutil
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,10 @@ from service.settings import ServiceSettings
 NUM_CLASSES = 19
 STRIDE = 4
 ADMIN_KEY = "test-admin-key"
+
+
+# make_bundle(models_dir, name, version, seed, calibrated, size, enabled_default) -> bundle directory
+BundleFactory = Callable[..., Path]
 
 
 def tiny_model(seed: int, num_classes: int = NUM_CLASSES, input_name: str = "image") -> bytes:

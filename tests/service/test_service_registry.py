@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BundleFactory
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_helpers import ADMIN_KEY, png_bytes, scene, settings_for
+from service_helpers import ADMIN_KEY, BundleFactory, png_bytes, scene, settings_for
 
 from service.app import create_app
 
