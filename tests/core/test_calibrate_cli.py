@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+def _no_nan(name: str) -> float:
+    raise AssertionError(f"summary.json holds {name}, which strict JSON readers reject")
+
+
 def _fit(files: dict[str, Path], *extra: str) -> Result:
     return runner.invoke(
         app,
@@ -62,6 +67,8 @@ def test_fit_then_apply_round_trip(files: dict[str, Path], tmp_path: Path) -> No
     result = _fit(files, "--target-logits", str(files["target"]))
     assert result.exit_code == 0, result.output
     assert (files["out"] / "calibration.npz").is_file() and (files["out"] / "summary.json").is_file()
+    summary = json.loads((files["out"] / "summary.json").read_text(), parse_constant=_no_nan)
+    assert summary["num_classes"] == C and len(summary["per_class"]["target_bias"]) == C
     tables = read_calibration(files["out"] / "calibration.npz")
     assert tables.num_classes == C and tables.shifts.delta.shape == (C, C, 32)
     assert int(tables.source_counts[0, 0]) == int((np.load(files["labels"]) == 0).sum())
