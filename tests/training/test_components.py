@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass as dataclass_sample
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +135,52 @@ def test_strong_augment_is_seeded_and_keeps_range() -> None:
     assert float(pixels.min()) >= -1e-6 and float(pixels.max()) <= 1 + 1e-6
     torch.testing.assert_close(strong_augment(x, mean, std, 0.0, False), x)
     assert np.isfinite(a.numpy()).all()
+
+
+def test_teacher_batch_statistics_leave_running_statistics_alone() -> None:
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = student
+
+        def forward(self, x: torch.Tensor) -> Any:
+            return type("Out", (), {"logits": self.net(x)})()
+
+    teacher = EmaTeacher(Wrap())
+    bn = teacher.module.net[1]
+    before = bn.running_mean.clone()
+    x = torch.randn(3, 3, 5, 5) * 4 + 2
+    out = teacher(x, batch_stats=True)
+    assert torch.equal(bn.running_mean, before) and not bn.training
+    ref = teacher.module.net[2](F.batch_norm(teacher.module.net[0](x), None, None, bn.weight, bn.bias, True))
+    torch.testing.assert_close(out, ref)
+    assert not torch.allclose(teacher(x), out)  # running statistics differ from the batch's
+
+
+def test_adabn_recalibration_averages_over_the_images() -> None:
+    from training.loop import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 2, 1)
+    model = nn.Sequential(conv, nn.BatchNorm2d(2))
+
+    @dataclass_sample
+    class _S:
+        image: np.ndarray
+        label: np.ndarray
+
+    rng = np.random.default_rng(0)
+    data = [
+        _S(rng.integers(0, 256, (4, 6, 3)).astype(np.uint8), np.zeros((4, 6), np.uint8)) for _ in range(5)
+    ]
+    # One image per batch: the cumulative average of batch means is the mean over all images.
+    recalibrate_batchnorm(model, data, scale=1.0, count=5, batch=1)  # type: ignore[arg-type]
+    from training.networks import images_to_tensor
+
+    with torch.no_grad():
+        feats = conv(images_to_tensor(np.stack([d.image for d in data])))  # (5, 2, 4, 6)
+    torch.testing.assert_close(model[1].running_mean, feats.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    assert model[1].momentum == 0.1
