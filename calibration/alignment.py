@@ -349,10 +349,11 @@ def _bound(z: np.ndarray, prep: _Prepared, k: int | None = None) -> tuple[np.nda
     top, hard, cand = _first_pass(z, prep)
     if hard.size == 0:
         return top, hard, cand
+    zh = z.take(hard, axis=1)  # (C, H) C-ordered, unlike z[:, hard]: flat takes on it stay cheap
     if k is not None and k < z.shape[0]:
         # The raw top class is always tried, so the first pass (which compares with it) stays sound.
-        cand &= z[:, hard] >= _kth_largest(z[:, hard], k)
-    ch = _refine(z[:, hard], top[hard], cand, prep)
+        cand &= zh >= _kth_largest(zh, k)
+    ch = _refine(zh, top[hard], cand, prep)
     count = ch.sum(axis=0)
     single = count == 1
     top[hard[single]] = ch[:, single].argmax(axis=0)  # settled by the bound, maybe not the raw top
@@ -428,7 +429,7 @@ def calibrated_decision(
     def bounded(z: np.ndarray) -> np.ndarray:
         top, hard, cand = _bound(z, prep)
         if hard.size:
-            top[hard] = _decide_by_scores(z[:, hard], cand, prep, tau)
+            top[hard] = _decide_by_scores(z.take(hard, axis=1), cand, prep, tau)
         return top
 
     return _chunked(logits, chunk_pixels, bounded if use_bound else full)
@@ -475,7 +476,7 @@ def calibrated_decision_topk(
         # The exact bound prunes here too, among the k tried hypotheses.
         top, hard, cand = _bound(z, prep, k)
         if hard.size:
-            top[hard] = _decide_by_scores(z[:, hard], cand, prep, tau)
+            top[hard] = _decide_by_scores(z.take(hard, axis=1), cand, prep, tau)
         return top
 
     return _chunked(logits, chunk_pixels, decide)
