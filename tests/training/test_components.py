@@ -150,12 +150,13 @@ def test_teacher_batch_statistics_leave_running_statistics_alone() -> None:
             return type("Out", (), {"logits": self.net(x)})()
 
     teacher = EmaTeacher(Wrap())
-    bn = teacher.module.net[1]
+    net: Any = teacher.module.net
+    bn = net[1]
     before = bn.running_mean.clone()
     x = torch.randn(3, 3, 5, 5) * 4 + 2
     out = teacher(x, batch_stats=True)
     assert torch.equal(bn.running_mean, before) and not bn.training
-    ref = teacher.module.net[2](F.batch_norm(teacher.module.net[0](x), None, None, bn.weight, bn.bias, True))
+    ref = net[2](F.batch_norm(net[0](x), None, None, bn.weight, bn.bias, True))
     torch.testing.assert_close(out, ref)
     assert not torch.allclose(teacher(x), out)  # running statistics differ from the batch's
 
@@ -177,7 +178,7 @@ def test_adabn_recalibration_averages_over_the_images() -> None:
         _S(rng.integers(0, 256, (4, 6, 3)).astype(np.uint8), np.zeros((4, 6), np.uint8)) for _ in range(5)
     ]
     # One image per batch: the cumulative average of batch means is the mean over all images.
-    recalibrate_batchnorm(model, data, scale=1.0, count=5, batch=1)  # type: ignore[arg-type]
+    recalibrate_batchnorm(model, data, scale=1.0, count=5, batch=1)
     from training.networks import images_to_tensor
 
     with torch.no_grad():
