@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
 from service.dependencies import ObserversDep, RegistryDep, RunnerDep, SettingsDep, problem_from
 from service.imaging import (
@@ -208,6 +209,12 @@ async def _staged(job: _Job, data: bytes, runner: InferenceRunner) -> _Done:
     )
 
 
+async def _dispatch(
+    runner: InferenceRunner, observers: Sequence[SegmentationObserver], record: SegmentationRecord
+) -> None:
+    runner.cpu_pool.submit(_notify, observers, record)
+
+
 def _notify(observers: Sequence[SegmentationObserver], record: SegmentationRecord) -> None:
     for observer in observers:
         try:
@@ -274,6 +281,7 @@ async def _segment(
     }
     if use_calibration:
         headers["X-Calibration-Tau"] = f"{tau_used:g}"
+    background = None
     if observers:
         record = SegmentationRecord(
             request_id=request_id,
@@ -289,9 +297,10 @@ async def _segment(
             tau=tau_used,
             timings=timings,
         )
-        # Fire and forget on the worker pool: observers never delay this response or the next one.
-        runner.cpu_pool.submit(_notify, tuple(observers), record)
-    return Response(content=done.body, media_type=media, headers=headers)
+        # Handed to the worker pool once the response is sent (a background task runs after the last body
+        # message), and not awaited: observers delay neither this response nor the next request.
+        background = BackgroundTask(_dispatch, runner, tuple(observers), record)
+    return Response(content=done.body, media_type=media, headers=headers, background=background)
 
 
 _DOC = (
