@@ -203,12 +203,17 @@ def shift_values(z: np.ndarray, tables: ShiftTables) -> np.ndarray:
 
 
 def _hyp_scores(zt: np.ndarray, hyp: np.ndarray, pix: np.ndarray, prep: _Prepared, tau: float) -> np.ndarray:
-    """log s_c for (hypothesis, pixel) couples. zt (P, C) pixel-major; hyp, pix (Q,) -> (Q,) float32.
+    """g_c for (hypothesis, pixel) couples. zt (P, C) pixel-major; hyp, pix (Q,) -> (Q,) float32.
 
-    log s_c = z_c + τΔ_cc(z_c) - logsumexp_l(z_l + τΔ_cl(z_l)).
+    g_c = z_c + τΔ_cc(z_c) - logsumexp_{l≠c}(z_l + τΔ_cl(z_l)), the log-odds of s_c: same argmax as s_c,
+    but it does not saturate where s_c rounds to 1 (log s_c = -log(1 + exp(-g_c)) is 0 in float32 for
+    g_c > 17, which would turn clear winners into ties).
     """
     c = zt.shape[1]
     out = np.empty(hyp.shape[0], dtype=np.float32)
+    if c == 1:
+        out[:] = np.inf  # a single class always wins
+        return out
     rows = max(1, _EVAL_BUDGET // c)
     tau32 = np.float32(tau)
     for s in range(0, hyp.shape[0], rows):
@@ -217,7 +222,9 @@ def _hyp_scores(zt: np.ndarray, hyp: np.ndarray, pix: np.ndarray, prep: _Prepare
         shifted = _lookup_rows(zq, h, prep)
         shifted *= tau32
         shifted += zq
-        own = np.take(shifted, np.arange(h.shape[0]) * c + h)  # flat indices: 4x faster than [rows, h]
+        diag = np.arange(h.shape[0]) * c + h  # flat indices: 4x faster than [rows, h]
+        own = np.take(shifted, diag)
+        np.put(shifted, diag, -np.inf)  # the others' logsumexp
         top = shifted.max(axis=1, keepdims=True)
         shifted -= top
         np.exp(shifted, out=shifted)

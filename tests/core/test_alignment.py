@@ -281,3 +281,17 @@ def test_prepared_tables_are_not_confused_between_table_objects() -> None:
         ref, gap = reference_decision(logits, tables, 1.0)
         assert_same_decision(calibrated_decision(logits, tables, tau=1.0), ref, gap)
         del tables
+
+
+def test_decisions_do_not_saturate_when_every_softmax_rounds_to_one() -> None:
+    """Off-diagonal shifts of -100: every s_c rounds to 1.0, yet g_c = z_c - R_c + 100 still orders the
+    hypotheses like the raw logits, so the exact rule is the raw argmax (not class 0 by a float tie)."""
+    c, m = 4, 8
+    delta = np.where(np.eye(c, dtype=bool)[:, :, None], 0.0, -100.0) * np.ones((c, c, m))
+    tables = ShiftTables(np.zeros((c, c), np.float32), np.ones((c, c), np.float32), delta.astype(np.float32))
+    logits = random_logits(np.random.default_rng(4), c, 6, 8, 2.0)
+    raw = logits.argmax(0)
+    for use_bound in (True, False):
+        np.testing.assert_array_equal(calibrated_decision(logits, tables, tau=1.0, use_bound=use_bound), raw)
+    np.testing.assert_array_equal(calibrated_decision_topk(logits, tables, tau=1.0, k=c), raw)
+    np.testing.assert_array_equal(calibrated_decision_topk(logits, tables, tau=1.0, k=2), raw)
