@@ -152,3 +152,27 @@ def test_serve_rejects_a_missing_models_dir(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --models-dir: expected a directory")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "error: --settings-file: expected an existing file"),
+        ("workers = = 1", "error: "),
+        ('max_image_pixels = "many"', "error: setting max_image_pixels: "),
+    ],
+)
+def test_serve_rejects_bad_settings_in_one_line(tmp_path: Path, content: str | None, expected: str) -> None:
+    path = tmp_path / "service.toml"
+    if content is not None:
+        path.write_text(content)
+    result = subprocess.run(
+        [sys.executable, "-m", "blda", "serve", "--settings-file", str(path), "--models-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
