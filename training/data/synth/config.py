@@ -3,8 +3,8 @@
 The source domain plays GTA5 (clean, saturated, sunny, car-heavy); the target plays Cityscapes (overcast,
 desaturated, noisy, blurred, JPEG-compressed, more persons, riders, two-wheelers and thin structures, objects
 farther away). `ShiftConfig.strength` interpolates every field of the target between the source (0.0) and the
-default target (1.0); values above 1 extrapolate (clamped to valid ranges), so easier and harder variants come
-from one knob.
+default target (1.0); values above 1 extrapolate (clamped to valid ranges, up to 3), so easier and harder
+variants come from one knob.
 """
 
 from __future__ import annotations
@@ -215,21 +215,24 @@ TARGET_LABELS = LabelDistributionConfig(
 
 SOURCE_STYLE = DomainStyle()
 
+# Tuned with a source-only probe (see the data report): this appearance gap costs a source-only model
+# 15-35 mIoU points on the target while leaving it well above chance; strength ~1.8 gives an overcast,
+# heavily compressed target on which source-only models mostly fail.
 TARGET_STYLE = DomainStyle(
-    sky_top=(165.0, 175.0, 185.0),
-    sky_bottom=(205.0, 210.0, 212.0),
+    sky_top=(120.0, 150.0, 195.0),
+    sky_bottom=(190.0, 205.0, 222.0),
     class_colors=(
-        (80.0, 82.0, 84.0),  # road
-        (140.0, 138.0, 130.0),  # sidewalk
-        (125.0, 115.0, 105.0),  # building
-        (150.0, 148.0, 140.0),  # wall
-        (95.0, 100.0, 95.0),  # fence
-        (80.0, 85.0, 85.0),  # pole
-        (30.0, 32.0, 30.0),  # traffic light
-        (200.0, 205.0, 210.0),  # traffic sign
-        (70.0, 95.0, 55.0),  # vegetation
-        (110.0, 120.0, 80.0),  # terrain
-        (190.0, 195.0, 200.0),  # sky
+        (87.0, 86.0, 91.0),  # road
+        (156.0, 148.0, 144.0),  # sidewalk
+        (136.0, 117.0, 100.0),  # building
+        (166.0, 162.0, 151.0),  # wall
+        (106.0, 100.0, 88.0),  # fence
+        (94.0, 98.0, 101.0),  # pole
+        (32.0, 33.0, 32.0),  # traffic light
+        (214.0, 216.0, 219.0),  # traffic sign
+        (63.0, 108.0, 48.0),  # vegetation
+        (119.0, 140.0, 76.0),  # terrain
+        (158.0, 184.0, 214.0),  # sky
         (0.0, 0.0, 0.0),
         (0.0, 0.0, 0.0),
         (0.0, 0.0, 0.0),
@@ -240,77 +243,77 @@ TARGET_STYLE = DomainStyle(
         (0.0, 0.0, 0.0),
     ),
     building_colors=(
-        (150.0, 140.0, 125.0),
-        (175.0, 170.0, 160.0),
-        (110.0, 108.0, 110.0),
-        (140.0, 110.0, 95.0),
-        (190.0, 185.0, 175.0),
-        (90.0, 88.0, 85.0),
+        (159.0, 131.0, 109.0),
+        (186.0, 177.0, 156.0),
+        (124.0, 122.0, 128.0),
+        (160.0, 103.0, 86.0),
+        (204.0, 196.0, 182.0),
+        (104.0, 96.0, 90.0),
     ),
     vehicle_colors=(
-        (70.0, 70.0, 75.0),
-        (160.0, 160.0, 165.0),
-        (210.0, 210.0, 210.0),
-        (20.0, 20.0, 24.0),
-        (60.0, 70.0, 95.0),
-        (120.0, 40.0, 40.0),
-        (110.0, 112.0, 110.0),
-        (35.0, 45.0, 60.0),
+        (128.0, 52.0, 55.0),
+        (102.0, 120.0, 176.0),
+        (221.0, 221.0, 221.0),
+        (22.0, 22.0, 27.0),
+        (136.0, 119.0, 61.0),
+        (84.0, 85.0, 49.0),
+        (128.0, 129.0, 132.0),
+        (73.0, 43.0, 96.0),
     ),
     clothing_colors=(
-        (30.0, 30.0, 35.0),
-        (60.0, 65.0, 90.0),
-        (110.0, 105.0, 100.0),
-        (20.0, 22.0, 25.0),
-        (150.0, 60.0, 50.0),
-        (50.0, 70.0, 60.0),
-        (170.0, 165.0, 150.0),
-        (80.0, 60.0, 50.0),
+        (106.0, 34.0, 37.0),
+        (51.0, 63.0, 122.0),
+        (168.0, 166.0, 161.0),
+        (24.0, 26.0, 30.0),
+        (182.0, 109.0, 46.0),
+        (54.0, 97.0, 64.0),
+        (148.0, 131.0, 110.0),
+        (120.0, 60.0, 95.0),
     ),
-    skin=(190.0, 160.0, 140.0),
-    window=(45.0, 50.0, 55.0),
-    color_jitter=10.0,
+    skin=(206.0, 169.0, 144.0),
+    window=(52.0, 64.0, 80.0),
+    color_jitter=11.0,
     texture=per_class(
-        0.06,
-        road=0.12,
-        sidewalk=0.12,
-        building=0.12,
-        wall=0.10,
+        0.056,
+        road=0.09,
+        sidewalk=0.10,
+        building=0.11,
+        wall=0.09,
         fence=0.10,
-        pole=0.05,
-        traffic_light=0.03,
-        traffic_sign=0.03,
-        vegetation=0.22,
-        terrain=0.20,
-        sky=0.02,
-        person=0.08,
-        rider=0.08,
-        car=0.05,
+        pole=0.045,
+        traffic_light=0.026,
+        traffic_sign=0.026,
+        vegetation=0.20,
+        terrain=0.18,
+        sky=0.025,
+        person=0.07,
+        rider=0.07,
+        car=0.045,
     ),
     grain=per_class(
-        0.03,
-        road=0.08,
-        sidewalk=0.08,
-        building=0.06,
-        wall=0.06,
-        fence=0.08,
-        vegetation=0.24,
-        terrain=0.16,
+        0.026,
+        road=0.067,
+        sidewalk=0.071,
+        building=0.051,
+        wall=0.056,
+        fence=0.071,
+        vegetation=0.22,
+        terrain=0.15,
         sky=0.01,
-        person=0.04,
-        rider=0.04,
+        person=0.036,
+        rider=0.036,
     ),
-    shadow=0.08,
-    sun_side=0.95,
-    brightness=0.85,
-    contrast=0.85,
-    gamma=1.15,
-    saturation=0.6,
-    tint=(0.96, 1.02, 1.03),
-    vignette=0.25,
-    blur=1.0,
-    noise=5.0,
-    jpeg_quality=45.0,
+    shadow=0.16,
+    sun_side=0.88,
+    brightness=0.94,
+    contrast=0.96,
+    gamma=1.08,
+    saturation=0.87,
+    tint=(1.0, 1.01, 0.99),
+    vignette=0.14,
+    blur=0.55,
+    noise=3.2,
+    jpeg_quality=70.0,
 )
 
 

@@ -254,11 +254,11 @@ def bicycle(
         return (u + d * x * s, v - y * s)
 
     r = 0.34
-    tw = max(1, round(0.06 * s * thin))
+    tw = max(1, round(0.08 * s * thin))
     for cx in (-0.52, 0.52):
         a, b = p(cx - r, 2 * r), p(cx + r, 0)
         cv.ring((min(a[0], b[0]), a[1], max(a[0], b[0]), b[1]), cls, tyre, tw)
-    fw = max(1.0, 0.045 * s * thin)
+    fw = max(1.0, 0.06 * s * thin)
     rear, crank, seat, head, front = p(-0.52, r), p(0.0, 0.3), p(-0.15, 0.85), p(0.38, 0.85), p(0.52, r)
     cv.line([rear, crank, seat, rear], cls, frame, fw)
     cv.line([crank, head, seat], cls, frame, fw)
