@@ -201,7 +201,10 @@ class ModelRegistry:
         if gone and not any(v.model is not None for v in versions.values()):
             # The active version's directory is gone and nothing else loads: keep serving it.
             assert previous is not None and previous.active is not None
-            versions[previous.active] = previous.versions[previous.active]
+            kept = previous.versions[previous.active]
+            why = f"{kept.directory}: expected a bundle directory, but it is gone (the copy loaded before serves)"
+            log.warning("model %s: %s", name, why)
+            versions[previous.active] = replace(kept, error=why, checked_at=time.time())
         pinned = previous.pinned if previous is not None else None
         effective_pin = pinned if pinned is not None else self._settings_pins.get(name)
         active = _choose_active(versions, effective_pin, name)

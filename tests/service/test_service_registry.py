@@ -215,3 +215,15 @@ def test_requests_keep_succeeding_during_reloads(own_models_dir: Path, make_bund
         assert set(statuses) == {200}
         assert set(served) <= {"2", "3"}
         assert segment(client)[0] == "2"  # version 3 left the disk
+
+
+def test_a_model_whose_directory_is_gone_keeps_serving_and_says_so(own_models_dir: Path) -> None:
+    with TestClient(create_app(settings_for(own_models_dir))) as client:
+        _, before = segment(client)
+        shutil.rmtree(own_models_dir / "tiny")
+        assert client.post("/v1/models/tiny/reload", headers=ADMIN).status_code == 200
+        listed = versions(client)
+        assert list(listed) == ["2"] and listed["2"]["status"] == "stale"
+        assert "it is gone" in str(listed["2"]["error"])
+        version, after = segment(client)
+        assert version == "2" and np.array_equal(after, before)
