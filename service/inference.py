@@ -225,6 +225,8 @@ class InferenceRunner:
         self.infer_pool = ThreadPoolExecutor(
             settings.max_concurrent_inferences, thread_name_prefix="blda-infer"
         )
+        # Segment requests in progress; only the event loop changes it.
+        self.pending = 0
         # Weak keys: a model replaced by a reload takes its batcher with it.
         self._batchers: weakref.WeakKeyDictionary[ServedModel, MicroBatcher] = weakref.WeakKeyDictionary()
 

@@ -70,6 +70,9 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
         403, "Admin disabled", "No admin key is configured (BLDA_ADMIN_API_KEY), so admin endpoints are off."
     ),
     "not-ready": ProblemType(503, "Not ready", "No model version is loaded and serving yet."),
+    "overloaded": ProblemType(
+        503, "Overloaded", "Too many segment requests are in progress; retry after the Retry-After seconds."
+    ),
     "internal-error": ProblemType(
         500, "Internal error", "An unexpected server error; the request id is logged."
     ),
@@ -131,6 +134,8 @@ def _request_id(request: Request) -> str | None:
 async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Problem)
     headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'} if exc.status == 401 else None
+    if exc.slug == "overloaded":
+        headers = {"Retry-After": "1"}
     return problem_response(exc.slug, exc.detail, _request_id(request), headers=headers, **exc.extensions)
 
 

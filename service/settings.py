@@ -60,6 +60,9 @@ class ServiceSettings(BaseSettings):
     execution_provider: Literal["auto", "cpu"] = "auto"
     # Requests whose inference may run at once; more queue (decode and encode still overlap).
     max_concurrent_inferences: int = Field(default=1, ge=1)
+    # Segment requests admitted at once per process (reading, queued or running); past it: 503 with
+    # Retry-After, so that a burst is refused early instead of holding every upload in memory.
+    max_pending_requests: int = Field(default=64, ge=1)
     # Threads for decoding, calibration and encoding.
     cpu_threads: int | None = Field(default=None, ge=1)
 

@@ -101,7 +101,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"description": "Body over the byte limit", **_PROBLEM},
     415: {"description": "Unsupported media type", **_PROBLEM},
     422: {"description": "Undecodable or oversized image, or a bad query value", **_PROBLEM},
-    503: {"description": "No model loaded", **_PROBLEM},
+    503: {"description": "No model loaded, or too many requests in progress (Retry-After)", **_PROBLEM},
 }
 
 CalibrateQuery = Annotated[
@@ -260,8 +260,13 @@ async def _segment(
         png_level=settings.png_compress_level,
     )
 
-    data = await read_image_upload(request, settings.max_body_bytes)
+    if runner.pending >= settings.max_pending_requests:
+        raise Problem(
+            "overloaded", f"expected at most {settings.max_pending_requests} requests in progress, got more"
+        )
+    runner.pending += 1
     try:
+        data = await read_image_upload(request, settings.max_body_bytes)
         if runner.batching:
             done = await _staged(job, data, runner)
         else:
@@ -270,6 +275,8 @@ async def _segment(
         raise Problem("image-too-large", str(exc)) from exc
     except ImageDecodeError as exc:
         raise Problem("invalid-image", str(exc)) from exc
+    finally:
+        runner.pending -= 1
     done.logits.setflags(write=False)
     timings = done.timings
     media = "image/png" if output == "png" else "application/json"

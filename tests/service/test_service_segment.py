@@ -346,3 +346,17 @@ def test_a_server_fault_is_a_500_problem_with_the_request_id(
     body = response.json()
     assert body["type"] == "/problems/internal-error" and body["request_id"] == "trace-500"
     assert "device lost" not in response.text  # internals stay in the log
+
+
+def test_too_many_requests_in_progress_is_a_503_with_retry_after(models_dir: Path) -> None:
+    with TestClient(create_app(settings_for(models_dir, max_pending_requests=3))) as client:
+        runner = client.app.state.runner  # type: ignore[attr-defined]
+        runner.pending = 3  # three requests in progress elsewhere
+        response = client.post("/v1/segment", content=VALID, headers=PNG)
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["type"] == "/problems/overloaded"
+        assert runner.pending == 3
+        runner.pending = 2
+        assert client.post("/v1/segment", content=VALID, headers=PNG).status_code == 200
+        assert client.post("/v1/segment", content=b"junk", headers=PNG).status_code == 422
+        assert runner.pending == 2  # released after success and failure alike
