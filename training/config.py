@@ -36,7 +36,9 @@ class DataConfig:
     rare_class_sampling: bool = True
     rcs_temperature: float = 0.01
     rcs_min_pixels: int = 1000  # an image serves a class it has at least this many pixels of (full size)
-    color_jitter: float = 0.25  # strength of brightness/contrast/saturation jitter on mixed images
+    # Strength of the brightness/contrast/saturation jitter on mixed images (0.4, chosen on the tuning split:
+    # the synthetic target is darker and less saturated than the source).
+    color_jitter: float = 0.4
     blur: bool = True
     # A held-out part of target train for any tuning; the evaluation split is never used for choices.
     tuning_fraction: float = 0.1
@@ -53,7 +55,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    iterations: int = 600
+    iterations: int = 500  # ~5 min for a self-training arm on a shared 2-core machine
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_iters: int = 50
@@ -67,8 +69,10 @@ class OptimConfig:
 @dataclass(frozen=True)
 class SelfTrainingConfig:
     enabled: bool = False
-    ema_alpha: float = 0.99
-    pseudo_threshold: float = 0.968
+    # DACS uses 0.99 and 0.968 for 40k iterations from ImageNet weights; from scratch in 500 iterations the
+    # averaged teacher lags far behind and is never confident, so both were lowered on the tuning split.
+    ema_alpha: float = 0.9
+    pseudo_threshold: float = 0.9
     # Target loss starts after this many source-only iterations (a random-init model gives useless
     # pseudo-labels); ramps linearly to full weight over `ramp_iters`.
     start_iter: int = 150
@@ -100,8 +104,9 @@ class BldaConfig:
     catchup_after: int = 20  # a pair missed this many iterations gets at most `catchup_momentum`
     catchup_momentum: float = 0.9
     start_iter: int = 100  # correction is applied from this iteration (GMMs are estimated from 0)
-    table_every: int = 10  # rebuild the anchors' inverse-CDF tables every this many iterations
+    table_every: int = 10  # rebuild the per-pair shift tables every this many iterations
     table_knots: int = 256
+    anchor_every: int = 50  # rebuild the anchors' inverse-CDF tables every this many iterations
     eps: float = 0.01
     track_target: bool = True  # estimate target GMMs (needed for target correction and export)
 
@@ -278,6 +283,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0 <= cfg.blda.momentum < 1, f"blda.momentum: expected in [0, 1), got {cfg.blda.momentum}"),
         (0 < cfg.blda.eps < 0.5, f"blda.eps: expected in (0, 0.5), got {cfg.blda.eps}"),
         (cfg.blda.table_every > 0, "blda.table_every: expected > 0"),
+        (cfg.blda.anchor_every > 0, "blda.anchor_every: expected > 0"),
         (cfg.blda.table_knots >= 16, "blda.table_knots: expected >= 16"),
         (cfg.blda.samples_per_class > 0, "blda.samples_per_class: expected > 0"),
         (cfg.blda.cdf_weight >= 0, "blda.cdf_weight: expected >= 0"),

@@ -206,7 +206,10 @@ def refresh_tables(state: TrainState, cfg: TrainConfig) -> None:
     if not bool(state.gmm_source.initialized.diagonal().any()):
         return
     b = cfg.blda
-    state.anchors = build_anchors(state.gmm_source)
+    # The anchors pool all source pairs and move slowly; rebuilding them (C²·K components) is the costly
+    # part, so it happens every anchor_every iterations, the pair tables every table_every.
+    if state.anchors is None or state.iteration % b.anchor_every == 0:
+        state.anchors = build_anchors(state.gmm_source)
     state.shift_source = build_shift_table(state.gmm_source, state.anchors, b.table_knots, b.eps)
     state.shift_target = build_shift_table(state.gmm_target, state.anchors, b.table_knots, b.eps)
 
