@@ -59,13 +59,19 @@ def apply_style(
     amp *= 1.0 - style.shadow * patches * _GROUND[labels]
     img *= amp[..., None]
 
-    # lighting and colour grading, jittered per image around the domain's values
+    # lighting and colour grading, jittered per image around the domain's values: gain and tint, then
+    # saturation around the grey value, then contrast around mid-grey; all linear, so one 3x3 matrix
     gain = style.brightness * float(rng.uniform(0.9, 1.1))
-    img *= gain * np.asarray(style.tint, dtype=np.float32)
-    grey = img.mean(axis=2, keepdims=True)
-    img = grey + (img - grey) * style.saturation
-    img = 128.0 + (img - 128.0) * style.contrast
-    img = 255.0 * (np.clip(img, 0.0, 255.0) / 255.0) ** style.gamma
+    tint = np.diag(np.asarray(style.tint, dtype=np.float64) * gain)
+    grey = np.full((3, 3), 1.0 / 3.0)
+    sat = grey + style.saturation * (np.eye(3) - grey)
+    matrix = (tint @ sat.T).T * style.contrast  # applied to row vectors: rgb @ matrix.T
+    offset = 128.0 * (1.0 - style.contrast)
+    img = img.reshape(-1, 3) @ matrix.T.astype(np.float32) + np.float32(offset)
+    img = img.reshape(h, w, 3)
+    if style.gamma != 1.0:
+        lut = (255.0 * (np.arange(256) / 255.0) ** style.gamma).astype(np.float32)
+        img = lut[np.clip(img, 0.0, 255.0).astype(np.uint8)]
     if style.vignette > 0:
         yy = np.linspace(-1.0, 1.0, h, dtype=np.float32)[:, None]
         xx = np.linspace(-1.0, 1.0, w, dtype=np.float32)[None, :]
@@ -76,7 +82,7 @@ def apply_style(
         out = out.filter(ImageFilter.GaussianBlur(radius))
     arr = np.asarray(out).astype(np.float32)
     if style.noise > 0:
-        arr += rng.normal(0.0, style.noise, arr.shape).astype(np.float32)
+        arr += rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(style.noise)
     result = np.clip(arr, 0, 255).astype(np.uint8)
     if style.jpeg_quality < 95:
         buf = io.BytesIO()

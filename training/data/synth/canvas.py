@@ -34,11 +34,14 @@ class Camera:
         return u, v
 
     def points(self, xyz: Sequence[tuple[float, float, float]]) -> list[Point]:
-        a = np.asarray(xyz, dtype=np.float64)  # (P, 3)
-        u, v = self.project(a[:, 0], a[:, 1], a[:, 2])
-        u = np.clip(u, -_LIMIT, _LIMIT)
-        v = np.clip(v, -_LIMIT, _LIMIT)
-        return list(zip(u.tolist(), v.tolist(), strict=True))
+        """A few world points -> pixel vertices, clamped for Pillow (plain floats: numpy costs more here)."""
+        f, cx, hz, hc = self.focal, self.cx, self.horizon, self.height
+        out = []
+        for x, y, z in xyz:
+            u = cx + f * x / z
+            v = hz + f * (hc - y) / z
+            out.append((min(max(u, -_LIMIT), _LIMIT), min(max(v, -_LIMIT), _LIMIT)))
+        return out
 
     def scale(self, z: float) -> float:
         """Pixels per metre at depth z."""
