@@ -41,6 +41,7 @@ class SceneConfig:
     sidewalk_width: tuple[float, float] = (2.5, 5.0)
     setback: tuple[float, float] = (0.0, 5.0)  # ground strip between sidewalk and facades
     max_depth: float = 160.0
+    cross_street_prob: float = 0.35  # a side street crossing the view (a gap in both rows of buildings)
 
     def __post_init__(self) -> None:
         if self.height < 16 or self.width < 16:

@@ -44,6 +44,20 @@ def _side_segments(
     return segments
 
 
+def _cut(segments: list[tuple[float, float, str]], a: float, b: float) -> list[tuple[float, float, str]]:
+    """Remove the depth range [a, b] from the side segments (where a side street crosses)."""
+    out = []
+    for z0, z1, kind in segments:
+        if z1 <= a or z0 >= b:
+            out.append((z0, z1, kind))
+            continue
+        if a - z0 > 1.0:
+            out.append((z0, a, kind))
+        if z1 - b > 1.0:
+            out.append((b, z1, kind))
+    return out
+
+
 def render_scene(
     rng: np.random.Generator, scene: SceneConfig, domain: DomainConfig
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +119,12 @@ def render_scene(
     walk_col = jitter(rng, style.class_colors[C["sidewalk"]], style.color_jitter)
     road_col = jitter(rng, style.class_colors[C["road"]], style.color_jitter * 0.5)
     segments = {s: _side_segments(rng, lab, far) for s in (-1, 1)}
+    cross: tuple[float, float] | None = None
+    if rng.uniform() < scene.cross_street_prob:
+        za = float(rng.uniform(12.0, 45.0))
+        cross = (za, za + float(rng.uniform(8.0, 14.0)))
+        # the corners stay open: 3 m of pavement on each side of the side street
+        segments = {s: _cut(segs, cross[0] - 3.0, cross[1] + 3.0) for s, segs in segments.items()}
     for s in (-1, 1):
         cv.polygon(
             cam.points([(curb[s], 0, near), (outer[s], 0, near), (outer[s], 0, far), (curb[s], 0, far)]),
@@ -148,6 +168,27 @@ def render_scene(
         C["road"],
         road_col,
     )
+    if cross is not None:
+        za, zb = cross
+        for z0, z1 in ((za - 3.0, za), (zb, zb + 3.0)):  # corner pavements along the side street
+            for s in (-1, 1):
+                cv.polygon(
+                    cam.points(
+                        [
+                            (curb[s], 0, z0),
+                            (curb[s] + s * 300, 0, z0),
+                            (curb[s] + s * 300, 0, z1),
+                            (curb[s], 0, z1),
+                        ]
+                    ),
+                    C["sidewalk"],
+                    walk_col,
+                )
+        cv.polygon(
+            cam.points([(-300.0, 0, za), (300.0, 0, za), (300.0, 0, zb), (-300.0, 0, zb)]),
+            C["road"],
+            road_col,
+        )
     marking = jitter(rng, (225, 225, 215), 8.0, 0.9)
     dash = float(rng.uniform(2.0, 4.0))
     for k in range(1, lanes):
@@ -250,7 +291,7 @@ def render_scene(
     for s in (-1, 1):
         z = float(rng.exponential(lab.pole_spacing))
         while z < far * 0.7:
-            zz = max(z, 2.0)
+            zz = max(z, 3.0)
             light = bool(rng.uniform() < lab.traffic_light_prob)
             sign = bool(rng.uniform() < lab.sign_prob)
             ph = (
@@ -275,13 +316,19 @@ def render_scene(
         while z < far * 0.6:
             tx = curb[s] + s * float(rng.uniform(0.8, max(1.0, walk[0 if s < 0 else 1] - 0.5)))
 
-            def draw_ct(tx: float = tx, z: float = max(z, 3.0)) -> None:
+            def draw_ct(tx: float = tx, z: float = max(z, 6.0)) -> None:
                 objects.tree(cv, cam, rng, style, tx, z)
 
-            items.append((max(z, 3.0), draw_ct))
+            if cross is None or not cross[0] - 2.0 < z < cross[1] + 2.0:
+                items.append((max(z, 6.0), draw_ct))
             z += float(rng.exponential(lab.curb_tree_spacing)) + 3.0
 
     occupied: list[tuple[float, float, float, float]] = []  # x0, x1, z0, z1 of vehicles
+    if cross is not None:  # no parking in the junction
+        occupied += [
+            (x_left, x_left + 2.2, cross[0] - 3.0, cross[1]),
+            (x_right - 2.2, x_right, cross[0] - 3.0, cross[1]),
+        ]
 
     def free(x0: float, x1: float, z0: float, z1: float) -> bool:
         return all(x1 <= a or x0 >= b or z1 <= c or z0 >= d for a, b, c, d in occupied)
