@@ -91,7 +91,9 @@ class BldaConfig:
     enabled: bool = False
     correct_source: bool = True
     correct_target: bool = True
-    correct_pseudo_labels: bool = True
+    # Teacher logits corrected with the target GMMs before the pseudo-label argmax: off by default, chosen on
+    # the tuning split (one seed, 500 iterations: 28.2 mIoU off vs 27.3 on; self-training 27.8).
+    correct_pseudo_labels: bool = False
     t: float = 0.1  # corrected CE: CE(z - t * Δ(z), y)
     pseudo_tau: float = 0.2  # teacher logits z + τΔ before the pseudo-label argmax
     pseudo_top_k: int = 2  # hypotheses tried per pixel for the corrected pseudo-labels (0: all C)
