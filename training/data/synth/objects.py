@@ -432,6 +432,7 @@ def tree(
     cu, cy = cam.points([(x, trunk_h + crown_r * 0.8, z)])[0]
     for _ in range(int(rng.integers(3, 7))):
         ox, oy = rng.normal(0, 0.6 * crown_r, 2)
+        oy = max(oy, -0.25 * crown_r)  # crowns do not sag down to the trunk's foot
         rr = crown_r * rng.uniform(0.5, 0.9) * s
         c = jitter(rng, base, style.color_jitter, rng.uniform(0.75, 1.15))
         cv.ellipse((cu + ox * s - rr, cy - oy * s - rr, cu + ox * s + rr, cy - oy * s + rr), cls, c)
