@@ -67,6 +67,8 @@ def main() -> None:
         f"optim.iterations={warmup + iterations + 1}",
     ]
     arms = {arm: load_config(arm, overrides=common) for arm in ("self-training", "blda")}
+    # The ablation that also corrects the teacher's pseudo-labels (top-2 hypotheses per pixel).
+    arms["blda+pseudo"] = load_config("blda", overrides=[*common, "blda.correct_pseudo_labels=true"])
     states = {arm: build_state(cfg) for arm, cfg in arms.items()}
     ctxs = {arm: StepContext(cfg=cfg, domains=domains) for arm, cfg in arms.items()}
     times: dict[str, list[float]] = {arm: [] for arm in arms}
