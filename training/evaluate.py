@@ -111,7 +111,9 @@ class ResizingPredictor:
 
         h, w = self.target_size(images.shape[1], images.shape[2])
         if (h, w) != images.shape[1:3]:
-            images = np.stack([np.asarray(Image.fromarray(i).resize((w, h), Image.Resampling.BILINEAR)) for i in images])
+            images = np.stack(
+                [np.asarray(Image.fromarray(i).resize((w, h), Image.Resampling.BILINEAR)) for i in images]
+            )
         return self.inner(images)
 
 
