@@ -474,11 +474,15 @@ def run_training(
     finished_before = state.iteration >= cfg.optim.iterations  # resumed a finished run: nothing to redo
     started = time.perf_counter()
     last_eval: dict[str, Any] = {}
+    window: list[float] = []  # step times since the last log line
     try:
         while state.iteration < total:
             t0 = time.perf_counter()
             m = train_step(state, ctx)
-            m["step_seconds"] = time.perf_counter() - t0
+            window.append(time.perf_counter() - t0)
+            # The mean over the logging window: a single step would be biased, since the periodic table
+            # rebuilds fall on the same iterations as the log lines.
+            m["step_seconds"] = sum(window) / len(window)
             for k, v in m.items():
                 running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
             it = state.iteration
@@ -490,6 +494,8 @@ def run_training(
                     record["miou"] = last_eval["miou"]
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if it % cfg.log.log_every == 0:
+                window.clear()
             if bar is not None:
                 shown: dict[str, str] = {
                     k: f"{running[k]:.3f}" for k in ("loss_source", "loss_mix") if k in running
