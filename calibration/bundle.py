@@ -297,6 +297,8 @@ def save_bundle(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{manifest.version}.", dir=target.parent))
     try:
+        # mkdtemp makes the directory private (0700): a service running as another user must read it.
+        staging.chmod(0o755)
         if isinstance(model_onnx, bytes):
             (staging / MODEL_FILE).write_bytes(model_onnx)
         else:

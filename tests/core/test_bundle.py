@@ -75,6 +75,7 @@ def test_round_trip(bundle_dir: Path, tmp_path: Path) -> None:
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
     assert bundle.manifest.palette().shape == (C, 3)
     assert discover_bundles(tmp_path / "models") == [bundle_dir]
+    assert bundle_dir.stat().st_mode & 0o777 == 0o755
 
 
 def test_resave_replaces_atomically(bundle_dir: Path, tmp_path: Path) -> None:
