@@ -6,10 +6,11 @@ The byte limit is checked twice: against ``Content-Length`` before reading anyth
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import Request
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
@@ -59,11 +60,14 @@ async def read_image_upload(request: Request, limit: int) -> bytes:
     return await _multipart_file(request, body)
 
 
-async def _multipart_file(request: Request, body: bytes) -> bytes:
+@asynccontextmanager
+async def multipart_form(request: Request, body: bytes, max_fields: int) -> AsyncIterator[FormData]:
+    """The parsed multipart ``body`` (already read under the byte limit); its files close on exit."""
+
     async def stream() -> AsyncGenerator[bytes, None]:
         yield body
 
-    parser = MultiPartParser(request.headers, stream(), max_files=1, max_fields=16)
+    parser = MultiPartParser(request.headers, stream(), max_files=1, max_fields=max_fields)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
@@ -71,6 +75,13 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
             "invalid-request", f"expected a well-formed multipart/form-data body, got: {exc.message}"
         ) from exc
     try:
+        yield form
+    finally:
+        await form.close()
+
+
+async def _multipart_file(request: Request, body: bytes) -> bytes:
+    async with multipart_form(request, body, max_fields=16) as form:
         upload = form.get(FILE_FIELD)
         if not isinstance(upload, UploadFile):
             fields = list(form.keys())
@@ -80,5 +91,3 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
                 errors=[{"field": f"body.{FILE_FIELD}", "message": "missing file part"}],
             )
         return await upload.read()
-    finally:
-        await form.close()

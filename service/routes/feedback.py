@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
@@ -28,13 +27,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.feedback import FeedbackError, FeedbackStore, MaskError, decode_mask, feedback_confusion
 from service.problems import PROBLEM_MEDIA_TYPE, TYPE_PREFIX, Problem
 from service.settings import ServiceSettings
 from service.telemetry import Telemetry
-from service.uploads import MULTIPART, media_type, read_body
+from service.uploads import MULTIPART, media_type, multipart_form, read_body
 
 router = APIRouter(tags=["monitoring"])
 
@@ -93,25 +91,13 @@ async def _read_feedback(request: Request, limit: int) -> tuple[str, bytes]:
 
 
 async def _read_multipart(request: Request, body: bytes) -> tuple[str, bytes]:
-    async def stream() -> AsyncGenerator[bytes, None]:
-        yield body
-
-    parser = MultiPartParser(request.headers, stream(), max_files=1, max_fields=4)
-    try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        raise Problem(
-            "invalid-request", f"expected a well-formed multipart/form-data body, got: {exc.message}"
-        ) from exc
-    try:
+    async with multipart_form(request, body, max_fields=4) as form:
         request_id, mask = form.get("request_id"), form.get("mask")
         if not isinstance(request_id, str) or not request_id:
             raise Problem("invalid-request", f"request_id: expected a text field, got fields {list(form)}")
         if not isinstance(mask, UploadFile):
             raise Problem("invalid-request", f"mask: expected a PNG file field, got fields {list(form)}")
         return request_id, await mask.read()
-    finally:
-        await form.close()
 
 
 @router.post(
