@@ -62,7 +62,10 @@ def train(
     if cache_dir is not None and d.scale_min == d.scale_max == d.eval_scale:
         from training.datasets import prescaled
 
-        key = hashlib.sha1(str(data.resolve()).encode()).hexdigest()[:10]
+        # The key follows the data: its resolved path and the time its files were last (re)written, so a
+        # regenerated benchmark never meets a stale cache.
+        stamp = max((p.stat().st_mtime_ns for p in data.resolve().rglob("*") if p.is_file()), default=0)
+        key = hashlib.sha1(f"{data.resolve()}:{stamp}".encode()).hexdigest()[:10]
         sets_named = {
             "source": domains.source,
             f"target-train-{d.tuning_fraction}": domains.target_train,
