@@ -214,26 +214,14 @@ def refresh_tables(state: TrainState, cfg: TrainConfig) -> None:
     state.shift_target = build_shift_table(state.gmm_target, state.anchors, b.table_knots, b.eps)
 
 
-def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
-    cfg = ctx.cfg
+def _source_loss(
+    state: TrainState, ctx: StepContext, source: Batch, correcting: bool, gmm_gen: torch.Generator
+) -> torch.Tensor:
+    """(Corrected) CE on the labelled source batch, plus the CDF-head loss; updates the source GMMs."""
+    cfg, b = ctx.cfg, ctx.cfg.blda
     it = state.iteration
-    st, b = cfg.self_training, cfg.blda
-    torch.manual_seed(iteration_seed(cfg.seed, it, ctx.rank, STREAM_STEP))  # dropout
-    gen = torch.Generator().manual_seed(iteration_seed(cfg.seed, it, ctx.rank, STREAM_STEP + 1))
-    # The GMMs draw from their own stream, so the arms share every other random choice (paired runs).
-    gmm_gen = torch.Generator().manual_seed(iteration_seed(cfg.seed, it, ctx.rank, STREAM_STEP + 2))
-    full = cfg.optim.loss_resolution == "full"
-    source, target = load_batches(ctx, it)
     assert source.labels is not None
-    model = state.model
-    model.train()
-    state.optimizer.zero_grad(set_to_none=True)
-    metrics: dict[str, float] = {}
-    gcfg = gmm_config(cfg)
-    correcting = b.enabled and it >= b.start_iter and state.shift_source is not None
-
-    # Source: (corrected) CE on labelled source images.
-    out = model(source.images)
+    out = state.model(source.images)
     low = out.logits.shape[-2:]
     src_low = _down_labels(source.labels, low)
     if b.enabled:
@@ -243,7 +231,7 @@ def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
             _pixels(out.logits),
             src_low.reshape(-1),
             it,
-            gcfg,
+            gmm_config(cfg),
             gmm_gen,
             ctx.reduce,
             ctx.gather,
@@ -254,83 +242,114 @@ def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
         src_logits = corrected_logits(
             out.logits, shift_for_labels(out.logits, src_low, state.shift_source), b.t
         )
-    logits, labels = _loss_inputs(src_logits, source.labels, full)
-    loss_src = weighted_cross_entropy(logits, labels)
+    logits, labels = _loss_inputs(src_logits, source.labels, cfg.optim.loss_resolution == "full")
+    loss = weighted_cross_entropy(logits, labels)
     if b.enabled and b.cdf_weight > 0 and state.gmm_source is not None:
         valid = (src_low != IGNORE_INDEX) & state.gmm_source.initialized.diagonal()[
             src_low.clamp_max(cfg.model.num_classes - 1)
         ]
-        loss_src = loss_src + b.cdf_weight * cdf_loss(
+        loss = loss + b.cdf_weight * cdf_loss(
             out.cdf, _cdf_targets(out.logits, src_low, state.gmm_source), valid
         )
-    loss_src.backward()
-    metrics["loss_source"] = float(loss_src.detach())
+    return loss
 
-    # Target: ClassMix of source into target with the teacher's pseudo-labels.
-    if st.enabled and target is not None and it >= st.start_iter:
-        assert state.teacher is not None
-        t_logits = state.teacher(target.images, batch_stats=st.teacher_bn == "batch")
-        size = (target.images.shape[-2], target.images.shape[-1])
-        scores = None
-        if correcting and b.correct_pseudo_labels and state.shift_target is not None:
-            table = state.shift_target
 
-            def scores(z: torch.Tensor) -> torch.Tensor:
-                return calibrated_scores(z, table, b.pseudo_tau, b.pseudo_top_k)
+def _mixed_loss(
+    state: TrainState,
+    ctx: StepContext,
+    source: Batch,
+    target: Batch,
+    correcting: bool,
+    gen: torch.Generator,
+    gmm_gen: torch.Generator,
+) -> tuple[torch.Tensor, float]:
+    """ClassMix of source into target with the teacher's pseudo-labels: the (corrected) weighted CE of
+    the mixed batch, and the mean pseudo-label weight; updates the target GMMs on target pixels only."""
+    cfg, st, b = ctx.cfg, ctx.cfg.self_training, ctx.cfg.blda
+    it = state.iteration
+    assert state.teacher is not None and source.labels is not None
+    full = cfg.optim.loss_resolution == "full"
+    t_logits = state.teacher(target.images, batch_stats=st.teacher_bn == "batch")
+    size = (target.images.shape[-2], target.images.shape[-1])
+    scores = None
+    if correcting and b.correct_pseudo_labels and state.shift_target is not None:
+        table = state.shift_target
 
-        probs = teacher_probabilities(t_logits, size, scores)
-        pl = pseudo_labels_from_probs(probs, st.pseudo_threshold, ctx.reduce)
-        ramp = min(1.0, (it - st.start_iter + 1) / max(1, st.ramp_iters))
-        mask = (
-            class_masks(source.labels, gen)
-            if st.classmix
-            else torch.zeros_like(source.labels, dtype=torch.bool)
+        def scores(z: torch.Tensor) -> torch.Tensor:
+            return calibrated_scores(z, table, b.pseudo_tau, b.pseudo_top_k)
+
+    probs = teacher_probabilities(t_logits, size, scores)
+    pl = pseudo_labels_from_probs(probs, st.pseudo_threshold, ctx.reduce)
+    ramp = min(1.0, (it - st.start_iter + 1) / max(1, st.ramp_iters))
+    mask = (
+        class_masks(source.labels, gen) if st.classmix else torch.zeros_like(source.labels, dtype=torch.bool)
+    )
+    mixed = classmix(source.images, source.labels, target.images, pl.labels, pl.weight, mask)
+    mean, std = torch.tensor(IMAGE_MEAN), torch.tensor(IMAGE_STD)
+    images = strong_augment(mixed.images, mean, std, cfg.data.color_jitter, cfg.data.blur, gen)
+    out_m = state.model(images)
+    low_m = out_m.logits.shape[-2:]
+    mix_low = _down_labels(mixed.labels, low_m)
+    src_mask_low = _down_labels(mixed.source_mask.long(), low_m).bool()
+    if b.enabled and b.track_target:
+        assert state.gmm_target is not None
+        tgt_only = torch.where(src_mask_low, torch.full_like(mix_low, IGNORE_INDEX), mix_low)
+        state.gmm_target = update_gmm(
+            state.gmm_target,
+            _pixels(out_m.logits),
+            tgt_only.reshape(-1),
+            it,
+            gmm_config(cfg),
+            gmm_gen,
+            ctx.reduce,
+            ctx.gather,
         )
-        mixed = classmix(source.images, source.labels, target.images, pl.labels, pl.weight, mask)
-        mean, std = torch.tensor(IMAGE_MEAN), torch.tensor(IMAGE_STD)
-        images = strong_augment(mixed.images, mean, std, cfg.data.color_jitter, cfg.data.blur, gen)
-        out_m = model(images)
-        low_m = out_m.logits.shape[-2:]
-        mix_low = _down_labels(mixed.labels, low_m)
-        src_mask_low = _down_labels(mixed.source_mask.long(), low_m).bool()
-        if b.enabled and b.track_target:
-            assert state.gmm_target is not None
-            tgt_only = torch.where(src_mask_low, torch.full_like(mix_low, IGNORE_INDEX), mix_low)
-            state.gmm_target = update_gmm(
-                state.gmm_target,
-                _pixels(out_m.logits),
-                tgt_only.reshape(-1),
-                it,
-                gcfg,
-                gmm_gen,
-                ctx.reduce,
-                ctx.gather,
-            )
-        mix_logits = out_m.logits
-        if correcting and (b.correct_source or b.correct_target):
-            assert state.shift_source is not None and state.shift_target is not None
-            d_src = shift_for_labels(out_m.logits, mix_low, state.shift_source)
-            d_tgt = shift_for_labels(out_m.logits, mix_low, state.shift_target)
-            zero = torch.zeros_like(d_src)
-            delta = torch.where(  # source pixels use source GMMs, target pixels target GMMs
-                src_mask_low[:, None],
-                d_src if b.correct_source else zero,
-                d_tgt if b.correct_target else zero,
-            )
-            mix_logits = corrected_logits(out_m.logits, delta, b.t)
-        logits_m, labels_m = _loss_inputs(mix_logits, mixed.labels, full)
-        weights = mixed.weights if full else _down_weights(mixed.weights, low_m)
-        loss_mix = weighted_cross_entropy(logits_m, labels_m, weights * ramp)
+    mix_logits = out_m.logits
+    if correcting and (b.correct_source or b.correct_target):
+        assert state.shift_source is not None and state.shift_target is not None
+        d_src = shift_for_labels(out_m.logits, mix_low, state.shift_source)
+        d_tgt = shift_for_labels(out_m.logits, mix_low, state.shift_target)
+        zero = torch.zeros_like(d_src)
+        delta = torch.where(  # source pixels use source GMMs, target pixels target GMMs
+            src_mask_low[:, None],
+            d_src if b.correct_source else zero,
+            d_tgt if b.correct_target else zero,
+        )
+        mix_logits = corrected_logits(out_m.logits, delta, b.t)
+    logits_m, labels_m = _loss_inputs(mix_logits, mixed.labels, full)
+    weights = mixed.weights if full else _down_weights(mixed.weights, low_m)
+    return weighted_cross_entropy(logits_m, labels_m, weights * ramp), pl.weight
+
+
+def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
+    """One iteration: source loss, mixed target loss, optimiser and teacher updates, table refresh."""
+    cfg = ctx.cfg
+    it = state.iteration
+    st, b = cfg.self_training, cfg.blda
+    torch.manual_seed(iteration_seed(cfg.seed, it, ctx.rank, STREAM_STEP))  # dropout
+    gen = torch.Generator().manual_seed(iteration_seed(cfg.seed, it, ctx.rank, STREAM_STEP + 1))
+    # The GMMs draw from their own stream, so the arms share every other random choice (paired runs).
+    gmm_gen = torch.Generator().manual_seed(iteration_seed(cfg.seed, it, ctx.rank, STREAM_STEP + 2))
+    source, target = load_batches(ctx, it)
+    state.model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    correcting = b.enabled and it >= b.start_iter and state.shift_source is not None
+
+    loss_src = _source_loss(state, ctx, source, correcting, gmm_gen)
+    loss_src.backward()
+    metrics = {"loss_source": float(loss_src.detach())}
+    if st.enabled and target is not None and it >= st.start_iter:
+        loss_mix, pseudo_weight = _mixed_loss(state, ctx, source, target, correcting, gen, gmm_gen)
         loss_mix.backward()
         metrics["loss_mix"] = float(loss_mix.detach())
-        metrics["pseudo_weight"] = pl.weight
+        metrics["pseudo_weight"] = pseudo_weight
 
     if cfg.optim.grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip)
     state.optimizer.step()
     state.scheduler.step()
     if state.teacher is not None:
-        state.teacher.update(dist_utils.unwrap(model), ema_alpha(it, st.ema_alpha))
+        state.teacher.update(dist_utils.unwrap(state.model), ema_alpha(it, st.ema_alpha))
     state.iteration = it + 1
     if b.enabled and (state.iteration % b.table_every == 0 or state.shift_source is None):
         refresh_tables(state, cfg)
