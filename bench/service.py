@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench._timing import timed
 from calibration.alignment import candidate_counts
 from calibration.bundle import CalibrationSpec, discover_bundles, load_bundle, save_bundle, version_key
 from calibration.distributions import fit_pair_gmms
@@ -89,17 +90,6 @@ def staged_models(bundle_dir: Path, root: Path, threads: int) -> tuple[Path, str
     manifest = bundle.manifest.model_copy(update={"calibration": CalibrationSpec(enabled_default=False)})
     save_bundle(models_dir, bundle.model_path, tables, manifest)
     return models_dir, "fitted here on the model's own logits (the bundle has none)"
-
-
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> np.ndarray:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return np.array(times)
 
 
 def in_process(model: ServedModel, data: bytes, calibrate: bool, settings: ServiceSettings) -> bytes:

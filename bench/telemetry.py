@@ -14,11 +14,11 @@ masks: the stored bytes are an upper bound (smooth real masks compress several t
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import numpy as np
 
+from bench._timing import timed
 from calibration.alignment import calibrated_decision
 from calibration.distributions import Gmm
 from calibration.tables import CalibrationTables, anchor_quantile, build_calibration_tables, positive_quantile
@@ -30,13 +30,7 @@ C = 19
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    return 1000 * float(np.median(timed(fn, repeats, warmup=1)))
 
 
 def measure(

@@ -50,12 +50,7 @@ def plot_evaluation(metrics: dict[str, Any], path: str | Path, tau: str | None =
     ax_bias.set_ylabel("Bias(l)")
     ax_bias.legend(loc="upper right")
     ax_bias.set_xticks(x, names, rotation=60, ha="right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_diagnosis(report: dict[str, Any], path: str | Path) -> Path:
@@ -86,6 +81,10 @@ def plot_diagnosis(report: dict[str, Any], path: str | Path) -> Path:
     ax_corr.set_xlabel("label-free bias (positive/negative logit spread)")
     ax_corr.set_ylabel("Bias(l)")
     ax_corr.axhline(0, color="black", linewidth=0.8)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
