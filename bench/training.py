@@ -47,7 +47,7 @@ class _Scenes:
 
 def main() -> None:
     from training.config import load_config
-    from training.loop import Domains, StepContext, build_state, train_step
+    from training.uda.loop import Domains, StepContext, build_state, train_step
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer iterations")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from calibration.distributions import Gmm, gmm_quantile, pool_mixtures, tabulate_cdf
+from calibration.labels import IGNORE_INDEX
 
 # Quantile levels for distances between distributions: midpoints of 200 equal slices of (0, 1).
 _LEVELS = (np.arange(200) + 0.5) / 200
 
 
 def confusion_matrix(
-    pred: np.ndarray, labels: np.ndarray, num_classes: int, ignore_index: int = 255
+    pred: np.ndarray, labels: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> np.ndarray:
     """pred, labels (...) same shape -> (C, C) int64 counts, rows = true class, columns = predicted.
 

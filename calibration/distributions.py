@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from scipy.special import logsumexp, ndtr
 
+from calibration.labels import IGNORE_INDEX
+
 _LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
 # Below these a component is a point mass for every purpose here; the floor keeps log-pdfs finite when all
 # samples are equal or a component captures one repeated value.
@@ -296,7 +298,7 @@ def gather_pair_samples(
     labels: np.ndarray,
     num_classes: int,
     max_samples: int = 20000,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits of the labelled pixels, per true class, subsampled.
@@ -340,7 +342,7 @@ def fit_pair_gmms(
     num_classes: int,
     k: int = 5,
     max_samples: int = 20000,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     seed: int = 0,
     iters: int = 100,
     tol: float = 1e-6,

@@ -29,10 +29,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from calibration.bias import confusion_matrix
+from calibration.labels import IGNORE_INDEX
 from service.imaging import resize_nearest
 from service.records import SegmentationRecord
-
-IGNORE_INDEX = 255
 
 
 class FeedbackSettings(BaseSettings):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from training.config import TrainConfig, from_dict, to_dict
-from training.gmm import GmmState, to_numpy_gmm
+from training.uda.gmm import GmmState, to_numpy_gmm
 
 FORMAT_VERSION = 1
 
@@ -126,6 +126,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         tables=data.get("tables"),
         metrics=data.get("metrics") or {},
     )
+
+
+def load_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The student weights of a training checkpoint, to start another run from (model.init_checkpoint).
+    Only the weights are read, so a checkpoint written under another configuration schema still serves."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_checkpoint: expected a checkpoint file, got no such file {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt files
+        raise ValueError(f"{path}: expected a torch checkpoint, got an unreadable file ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ValueError(f"{path}: model: expected a training checkpoint with model weights, got none")
+    return data["model"]
 
 
 def calibration_gmms(ckpt: Checkpoint) -> tuple[Any, np.ndarray, Any, np.ndarray]:

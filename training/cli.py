@@ -146,7 +146,7 @@ def evaluate_command(
         typer.echo("error: expected exactly one of --checkpoint or --bundle", err=True)
         raise typer.Exit(2)
     with _errors_exit():
-        from training.evaluate import run_evaluate
+        from training.evaluation.evaluate import run_evaluate
 
         metrics = run_evaluate(
             data=data,
@@ -204,7 +204,7 @@ def diagnose_command(
     """Is the benchmark a real problem? Source-only model on target val: mIoU, per-class IoU and Bias(l),
     and the rank correlation between Bias(l) and the label-free positive/negative logit spread."""
     with _errors_exit():
-        from training.diagnose import print_report, run_diagnose
+        from training.evaluation.diagnose import print_report, run_diagnose
 
         report = run_diagnose(
             data=data,

@@ -51,6 +51,10 @@ class DataConfig:
 class ModelConfig:
     network: str = "mobilenet_lraspp"
     num_classes: int = 19
+    # A training checkpoint whose weights start the student and the EMA teacher (fresh optimiser, iteration
+    # 0): the adaptation arms start from one shared, converged source-only model, our stand-in for the
+    # paper's ImageNet-pretrained start. Empty: random initialisation.
+    init_checkpoint: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,9 @@ class SelfTrainingConfig:
     # and mixed batches misfit the target (on the tuning split: 8 vs 22 mIoU for the same weights).
     teacher_bn: str = "batch"
     adabn_images: int = 200
+    # Pseudo-label weight 0 on this bottom fraction of each target crop's rows, as DAFormer does for the
+    # rows where Cityscapes shows the ego vehicle (the synthetic target draws a bonnet over ~8-14%).
+    pseudo_ignore_bottom: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,21 @@ class BldaConfig:
     pseudo_tau: float = 0.2  # teacher logits z + τΔ before the pseudo-label argmax
     pseudo_top_k: int = 2  # hypotheses tried per pixel for the corrected pseudo-labels (0: all C)
     cdf_weight: float = 0.0  # λ of the CDF-head L1 loss (paper 0.2, released config 0)
+    cdf_target: bool = True  # the CDF loss also on the mixed images (L_reg^S + L_reg^T, as in the paper)
+    # "labels": Δ and the GMM samples from the logits upsampled bilinearly to the label size (the reference
+    # implementation); "logits": at the logits' resolution with nearest-downsampled labels (cheaper, but thin
+    # classes lose most of their correction).
+    delta_resolution: str = "labels"
+    # A GMM row (true class c) is updated only from a batch with at least this many pixels of c, counted
+    # at the resolution of the samples (the reference: 500 at label resolution).
+    min_pixels: int = 500
+    # Target GMMs from pseudo-labelled pixels whose teacher confidence exceeds this (0: every pixel with a
+    # pseudo-label, as the reference): confident pixels confirm the teacher's errors less.
+    target_gmm_confidence: float = 0.0
+    # Anchors pool the source pairs weighted by "pixels" (the paper: dominated by road and building) or
+    # with each class weighted equally ("classes").
+    anchor_weighting: str = "pixels"
+    t_ramp_iters: int = 0  # t grows linearly from 0 over this many iterations after start_iter (0: a step)
     components: int = 5
     em_steps: int = 3
     samples_per_class: int = 128
@@ -108,9 +130,8 @@ class BldaConfig:
     catchup_after: int = 20  # a pair missed this many iterations gets at most `catchup_momentum`
     catchup_momentum: float = 0.9
     start_iter: int = 100  # correction is applied from this iteration (GMMs are estimated from 0)
-    table_every: int = 10  # rebuild the per-pair shift tables every this many iterations
+    table_every: int = 10  # rebuild the anchors and the per-pair shift tables every this many iterations
     table_knots: int = 256
-    anchor_every: int = 50  # rebuild the anchors' inverse-CDF tables every this many iterations
     eps: float = 0.01
     track_target: bool = True  # estimate target GMMs (needed for target correction and export)
 
@@ -156,6 +177,8 @@ ARMS: dict[str, Callable[[], TrainConfig]] = {
 }
 
 LOSS_RESOLUTIONS = ("full", "logits")
+DELTA_RESOLUTIONS = ("labels", "logits")
+ANCHOR_WEIGHTINGS = ("pixels", "classes")
 
 
 def preset(arm: str) -> TrainConfig:
@@ -287,7 +310,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0 <= cfg.blda.momentum < 1, f"blda.momentum: expected in [0, 1), got {cfg.blda.momentum}"),
         (0 < cfg.blda.eps < 0.5, f"blda.eps: expected in (0, 0.5), got {cfg.blda.eps}"),
         (cfg.blda.table_every > 0, "blda.table_every: expected > 0"),
-        (cfg.blda.anchor_every > 0, "blda.anchor_every: expected > 0"),
+        (
+            cfg.blda.delta_resolution in DELTA_RESOLUTIONS,
+            f"blda.delta_resolution: expected one of {list(DELTA_RESOLUTIONS)}, got {cfg.blda.delta_resolution!r}",
+        ),
+        (
+            cfg.blda.delta_resolution != "labels" or cfg.optim.loss_resolution == "full",
+            "blda.delta_resolution: expected 'logits' with optim.loss_resolution = 'logits' (labels-resolution Δ "
+            "needs the logits upsampled to the labels)",
+        ),
+        (
+            cfg.blda.anchor_weighting in ANCHOR_WEIGHTINGS,
+            f"blda.anchor_weighting: expected one of {list(ANCHOR_WEIGHTINGS)}, got {cfg.blda.anchor_weighting!r}",
+        ),
+        (cfg.blda.min_pixels >= 1, f"blda.min_pixels: expected >= 1, got {cfg.blda.min_pixels}"),
+        (0 <= cfg.blda.target_gmm_confidence < 1, "blda.target_gmm_confidence: expected in [0, 1)"),
+        (cfg.blda.t_ramp_iters >= 0, "blda.t_ramp_iters: expected >= 0"),
+        (
+            0 <= cfg.self_training.pseudo_ignore_bottom < 1,
+            "self_training.pseudo_ignore_bottom: expected a fraction in [0, 1)",
+        ),
         (cfg.blda.table_knots >= 16, "blda.table_knots: expected >= 16"),
         (cfg.blda.samples_per_class > 0, "blda.samples_per_class: expected > 0"),
         (cfg.blda.cdf_weight >= 0, "blda.cdf_weight: expected >= 0"),

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from calibration.labels import IGNORE_INDEX
 from training.networks import images_to_tensor
-
-IGNORE_INDEX = 255
 
 
 class NumpySample(Protocol):

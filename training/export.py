@@ -27,7 +27,7 @@ from calibration.bundle import (
 from calibration.distributions import fit_pair_gmms
 from calibration.tables import CalibrationTables, build_calibration_tables
 from training.data.classes import CLASSES
-from training.evaluate import LabelledSample, PixelSampler, Predictor, sample_logits
+from training.evaluation.evaluate import LabelledSample, PixelSampler, Predictor, sample_logits
 from training.networks import IMAGE_MEAN, IMAGE_STD, OUTPUT_STRIDE, build_network
 
 OPSET = 17
@@ -329,7 +329,7 @@ def run_export(
     """`blda export`: returns a summary (bundle path, parity errors, sizes, where the tables came from)."""
     import json
 
-    from training.evaluate import ResizingPredictor, TorchPredictor, load_split
+    from training.evaluation.evaluate import ResizingPredictor, TorchPredictor, load_split
 
     torch.set_num_threads(threads)
     if untrained:
@@ -412,7 +412,7 @@ def auto_input_size(loaded: LoadedModel, data: Path | None) -> tuple[int, int]:
 
     height, width = BENCHMARK_IMAGE_SIZE
     if data is not None:
-        from training.evaluate import load_split
+        from training.evaluation.evaluate import load_split
 
         first = next(iter(load_split(data, "target", "val", 1)), None)
         if first is not None:

@@ -46,7 +46,7 @@ def train(
     import torch
 
     from training.datasets import open_domains
-    from training.loop import Domains, run_training
+    from training.uda.loop import Domains, run_training
 
     torch.set_num_threads(max(1, threads))
     try:

@@ -130,7 +130,7 @@ def test_the_service_imports_neither_torch_nor_onnx() -> None:
         "from service.app import create_app\n"
         "import service.cli, blda.cli\n"
         "create_app()\n"
-        "print(sorted(m for m in ('torch', 'onnx', 'training.loop') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'training.uda.loop') if m in sys.modules))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True

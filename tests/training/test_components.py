@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.losses import cdf_loss, corrected_cross_entropy, weighted_cross_entropy
-from training.mixing import class_masks, classmix, strong_augment
-from training.pseudo_labels import pseudo_labels_from_probs, teacher_probabilities
-from training.teacher import EmaTeacher, ema_alpha
+from training.uda.losses import cdf_loss, corrected_cross_entropy, weighted_cross_entropy
+from training.uda.mixing import class_masks, classmix, strong_augment
+from training.uda.pseudo_labels import pseudo_labels_from_probs, teacher_probabilities
+from training.uda.teacher import EmaTeacher, ema_alpha
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +162,7 @@ def test_teacher_batch_statistics_leave_running_statistics_alone() -> None:
 
 
 def test_adabn_recalibration_averages_over_the_images() -> None:
-    from training.loop import recalibrate_batchnorm
+    from training.uda.loop import recalibrate_batchnorm
 
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 2, 1)

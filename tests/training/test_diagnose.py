@@ -12,8 +12,8 @@ import torch
 from scipy.stats import spearmanr
 from typer.testing import CliRunner
 
-from training.diagnose import diagnose, spearman
-from training.evaluate import TorchPredictor, evaluate
+from training.evaluation.diagnose import diagnose, spearman
+from training.evaluation.evaluate import TorchPredictor, evaluate
 from training.networks import build_network
 
 
@@ -105,7 +105,7 @@ def test_over_predicted_class_is_found_by_both_measures() -> None:
 
 
 def test_diagnose_on_tiny_benchmark(tiny_data: Path) -> None:
-    from training.evaluate import load_split
+    from training.evaluation.evaluate import load_split
 
     torch.manual_seed(0)
     predictor = TorchPredictor(build_network("mobilenet_lraspp_tiny"))

@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from training.distributed import all_gather_cat, all_reduce_sum
-from training.gmm import GmmState, OnlineGmmConfig, update_gmm
-from training.pseudo_labels import pseudo_labels_from_probs
+from training.uda.gmm import GmmState, OnlineGmmConfig, update_gmm
+from training.uda.pseudo_labels import pseudo_labels_from_probs
 
 CFG = OnlineGmmConfig(components=3, em_steps=3, samples_per_class=4096, momentum_ramp_iters=2)
 C = 4
@@ -102,7 +102,7 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
     from test_loop import _cfg, _domains
 
     from training.distributed import shutdown
-    from training.loop import run_training
+    from training.uda.loop import run_training
 
     try:
         cfg = replace(_cfg("blda", 3), log=replace(_cfg("blda", 3).log, checkpoint_every=100))

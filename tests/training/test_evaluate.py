@@ -10,7 +10,7 @@ import torch
 
 from calibration.distributions import fit_pair_gmms
 from calibration.tables import build_calibration_tables
-from training.evaluate import (
+from training.evaluation.evaluate import (
     PixelSampler,
     accumulate_confusions,
     class_metrics,
@@ -135,7 +135,7 @@ def test_pixel_sampler_keeps_labels_aligned_and_skips_ignore() -> None:
 
 
 def test_resizing_predictor_feeds_the_model_the_resized_image() -> None:
-    from training.evaluate import ResizingPredictor
+    from training.evaluation.evaluate import ResizingPredictor
 
     seen: list[tuple[int, ...]] = []
 

@@ -15,7 +15,7 @@ from calibration.bundle import load_bundle
 from calibration.distributions import fit_pair_gmms
 from calibration.tables import build_calibration_tables
 from training.data.classes import CLASS_NAMES, PALETTE
-from training.evaluate import OnnxPredictor, TorchPredictor
+from training.evaluation.evaluate import OnnxPredictor, TorchPredictor
 from training.export import (
     ExportError,
     ExportSpec,
@@ -139,7 +139,7 @@ def test_checker_rejects_garbage() -> None:
 def test_training_checkpoint_with_gmm_state_gives_tables(tmp_path: Path) -> None:
     from training.checkpoint import Checkpoint, save_checkpoint
     from training.config import ModelConfig, TrainConfig
-    from training.gmm import GmmState
+    from training.uda.gmm import GmmState
 
     tables = random_tables()
 

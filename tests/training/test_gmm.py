@@ -14,7 +14,7 @@ from scipy.special import ndtr
 
 from calibration.alignment import ShiftTables, build_shift_tables, calibrated_decision, shift_values
 from calibration.distributions import Gmm, pool_mixtures
-from training.gmm import (
+from training.uda.gmm import (
     GmmState,
     OnlineGmmConfig,
     build_anchors,

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from training.checkpoint import calibration_gmms, load_checkpoint
 from training.config import TrainConfig, load_config
-from training.loop import Domains, run_training
+from training.uda.loop import Domains, run_training
 
 
 @dataclass(frozen=True)

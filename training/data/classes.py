@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from calibration.labels import IGNORE_INDEX
 NUM_CLASSES = 19
 
 

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 from calibration.alignment import calibrated_decision
 from calibration.bias import bias_from_confusion, confusion_matrix, iou_from_confusion
+from calibration.labels import IGNORE_INDEX
 from calibration.tables import CalibrationTables
 from training.networks import normalise_images
-
-IGNORE_INDEX = 255
 
 
 class LabelledSample(Protocol):
@@ -356,7 +355,7 @@ def run_evaluate(
     """`blda evaluate`: writes OUT/metrics.json and OUT/metrics.png, returns the metrics."""
     import json
 
-    from training.plots import plot_evaluation
+    from training.evaluation.plots import plot_evaluation
 
     torch.set_num_threads(threads)
     mut, _ = open_model(checkpoint, bundle, network, teacher, threads, input_scale)

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from calibration.labels import IGNORE_INDEX
 
 # Sum-all-reduce over processes (identity on one process).
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -94,6 +97,7 @@ class OnlineGmmConfig:
     momentum_ramp_iters: int = 100
     catchup_after: int = 20
     catchup_momentum: float = 0.9
+    min_pixels: int = 1  # a row (true class) is updated only from a batch with this many of its pixels
 
 
 def sample_pairs(
@@ -101,7 +105,7 @@ def sample_pairs(
     labels: torch.Tensor,  # (P,) int, ignore_index for unlabelled
     samples_per_class: int,
     generator: torch.Generator | None = None,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Up to S random pixels per class -> values (C, C, S) [true c, logit l, sample], mask (C, S),
     class_counts (C,) float64 of all labelled pixels (before subsampling)."""
@@ -213,7 +217,7 @@ def update_gmm(
     generator: torch.Generator | None = None,
     reduce: Reduce = _identity,
     gather: Gather = _identity,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> GmmState:
     """One online update; returns the new state (the input is not modified)."""
     k = cfg.components
@@ -222,7 +226,10 @@ def update_gmm(
     )
     sampled = reduce(mask.sum(-1).to(STAT_DTYPE))  # (C,)
     class_counts = reduce(class_counts)
-    seen = (sampled > 0)[:, None].expand(-1, state.num_classes)  # (C, C)
+    # Rows below the minimum count are left as they are (their few samples would drag the estimate).
+    enough = (sampled > 0) & (class_counts >= cfg.min_pixels)  # (C,)
+    mask = mask & enough[:, None]
+    seen = enough[:, None].expand(-1, state.num_classes)  # (C, C)
     new = seen & ~state.initialized
     weights, means, stds = state.weights, state.means, state.stds
     if bool(new.any()):
@@ -259,14 +266,19 @@ def gmm_cdf(x: torch.Tensor, weights: torch.Tensor, means: torch.Tensor, stds: t
 Mixture = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def pooled_anchors(state: GmmState) -> tuple[Mixture, Mixture]:
+def pooled_anchors(state: GmmState, weighting: str = "pixels") -> tuple[Mixture, Mixture]:
     """Positive anchor (diagonal pairs) and negative anchor (off-diagonal pairs), each a mixture of
-    mixtures weighted by the pairs' pixel counts: ((w, μ, σ) of shape (C·K,), (w, μ, σ) of (C(C−1)·K,))."""
+    mixtures weighted by the pairs' pixel counts ("pixels") or equally over the pairs that were seen
+    ("classes"): ((w, μ, σ) of shape (C·K,), (w, μ, σ) of (C(C−1)·K,))."""
+    if weighting not in ("pixels", "classes"):
+        raise ValueError(f"weighting: expected 'pixels' or 'classes', got {weighting!r}")
     c = state.num_classes
     eye = torch.eye(c, dtype=torch.bool)
     out: list[Mixture] = []
     for sel in (eye, ~eye):
         counts = state.counts[sel]  # (P,)
+        if weighting == "classes":
+            counts = (counts > 0).to(counts.dtype)
         if float(counts.sum()) <= 0:
             counts = torch.ones_like(counts)
         w = (state.weights[sel] * (counts / counts.sum())[:, None]).reshape(-1)
@@ -318,8 +330,8 @@ class Anchors:
     negative: AnchorTable
 
 
-def build_anchors(source: GmmState, num_knots: int = 1024) -> Anchors:
-    pos, neg = pooled_anchors(source)
+def build_anchors(source: GmmState, num_knots: int = 1024, weighting: str = "pixels") -> Anchors:
+    pos, neg = pooled_anchors(source, weighting)
     return Anchors(build_anchor_table(*pos, num_knots), build_anchor_table(*neg, num_knots))
 
 
@@ -389,31 +401,64 @@ def build_shift_table(
     return ShiftTable(lo=lo.float(), step=(span / (num_knots - 1)).float(), delta=delta.float())
 
 
+def _slopes(delta: torch.Tensor) -> torch.Tensor:
+    """(R, M) knot values -> (R, M) slope to the next knot (0 at the last): Δ(pos) = Δ[i] + frac·slope[i],
+    one gather instead of two."""
+    return torch.diff(delta, dim=-1, append=delta[..., -1:])
+
+
 def lookup_shift(z: torch.Tensor, rows: torch.Tensor, table: ShiftTable) -> torch.Tensor:
     """Δ at values z (any shape) of pairs `rows` (same shape, flat pair index c·C + l), interpolated."""
     m = table.delta.shape[-1]
     lo = table.lo.reshape(-1)[rows]
-    step = table.step.reshape(-1)[rows]
-    pos = ((z - lo) / step).clamp(0, m - 1)
-    i0 = pos.floor().long().clamp_max(m - 2)
+    inv_step = (1.0 / table.step).reshape(-1)[rows]
+    pos = ((z - lo) * inv_step).clamp_(0, m - 1)
+    i0 = pos.to(torch.int64)  # floor: pos >= 0
     frac = pos - i0
-    flat = table.delta.reshape(-1)
     base = rows * m + i0
-    return flat[base] * (1 - frac) + flat[base + 1] * frac
+    return table.delta.reshape(-1)[base] + frac * _slopes(table.delta).reshape(-1)[base]
+
+
+def stack_tables(tables: list[ShiftTable]) -> ShiftTable:
+    """D tables of C×C pairs as one table of D·C "true classes" × C: table d's pair (c, l) is row d·C + c,
+    so one look-up serves pixels of several domains (`shift_for_labels(..., domain=...)`)."""
+    return ShiftTable(
+        lo=torch.cat([t.lo for t in tables]),
+        step=torch.cat([t.step for t in tables]),
+        delta=torch.cat([t.delta for t in tables]),
+    )
+
+
+def zero_table(table: ShiftTable) -> ShiftTable:
+    """The same grid with Δ = 0 everywhere: a domain that is not corrected."""
+    return ShiftTable(table.lo, table.step, torch.zeros_like(table.delta))
 
 
 def shift_for_labels(
     logits: torch.Tensor,  # (N, C, H, W)
     labels: torch.Tensor,  # (N, H, W); values outside [0, C) give Δ = 0
-    table: ShiftTable,
+    table: ShiftTable,  # (C, C) pairs, or (D·C, C) from stack_tables with `domain`
+    domain: torch.Tensor | None = None,  # (N, H, W) int in [0, D): which stacked table a pixel uses
 ) -> torch.Tensor:
-    """Δ_{y,l}(z_l) per pixel and logit: (N, C, H, W), no gradient."""
+    """Δ_{y,l}(z_l) per pixel and logit: (N, C, H, W), no gradient.
+
+    A pixel's C grid origins and spacings are one row of the (D·C, C) tables, fetched as embedding rows
+    (a row copy per pixel rather than C scattered gathers): at label resolution this look-up is the bulk of
+    BLDA's per-step cost."""
     with torch.no_grad():
         c = logits.shape[1]
+        m = table.delta.shape[-1]
         valid = (labels >= 0) & (labels < c)
         y = torch.where(valid, labels, torch.zeros_like(labels)).long()
-        rows = y[:, None] * c + torch.arange(c, device=logits.device).view(1, c, 1, 1)  # (N, C, H, W)
-        delta = lookup_shift(logits.detach().float(), rows, table)
+        if domain is not None:
+            y = y + domain.long() * c
+        lo = F.embedding(y, table.lo).permute(0, 3, 1, 2)  # (N, C, H, W)
+        inv_step = F.embedding(y, 1.0 / table.step).permute(0, 3, 1, 2)
+        pos = ((logits.detach().float() - lo) * inv_step).clamp_(0, m - 1)
+        i0 = pos.to(torch.int64)  # floor: pos >= 0
+        frac = pos - i0
+        base = (y[:, None] * c + torch.arange(c, device=logits.device).view(1, c, 1, 1)) * m + i0
+        delta = table.delta.reshape(-1)[base] + frac * _slopes(table.delta).reshape(-1)[base]
         return torch.where(valid[:, None], delta, torch.zeros_like(delta)).to(logits.dtype)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from calibration.bias import label_free_bias
 from calibration.distributions import fit_pair_gmms
-from training.evaluate import (
+from training.evaluation.evaluate import (
     PixelSampler,
     Predictor,
     ResizingPredictor,
@@ -94,7 +94,7 @@ def _source_only_model(
     if checkpoint is None:
         from training.config import load_config
         from training.datasets import open_domains
-        from training.loop import Domains, run_training
+        from training.uda.loop import Domains, run_training
 
         overrides = [f"optim.iterations={iterations}"]
         if network is not None:
@@ -125,7 +125,7 @@ def run_diagnose(
 ) -> dict[str, Any]:
     """`blda diagnose`: writes OUT/diagnose.json and OUT/diagnose.png, returns the report."""
     from training.data.classes import CLASS_NAMES
-    from training.plots import plot_diagnosis
+    from training.evaluation.plots import plot_diagnosis
 
     torch.set_num_threads(threads)
     loaded, desc = _source_only_model(data, checkpoint, network, iterations, out, seed)

@@ -25,8 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibration.labels import IGNORE_INDEX
 from training import distributed as dist_utils
-from training.checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    load_init_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from training.config import TrainConfig
 from training.datasets import (
     Batch,
@@ -39,7 +47,8 @@ from training.datasets import (
     iteration_seed,
     source_class_counts,
 )
-from training.gmm import (
+from training.networks import IMAGE_MEAN, IMAGE_STD, build_network
+from training.uda.gmm import (
     Anchors,
     AnchorTable,
     GmmState,
@@ -50,15 +59,15 @@ from training.gmm import (
     calibrated_scores,
     gmm_cdf,
     shift_for_labels,
+    stack_tables,
     update_gmm,
+    zero_table,
 )
-from training.losses import cdf_loss, corrected_logits, weighted_cross_entropy
-from training.mixing import class_masks, classmix, strong_augment
-from training.networks import IMAGE_MEAN, IMAGE_STD, build_network
-from training.pseudo_labels import pseudo_labels_from_probs, teacher_probabilities
-from training.teacher import EmaTeacher, ema_alpha
+from training.uda.losses import cdf_loss, corrected_logits, weighted_cross_entropy
+from training.uda.mixing import class_masks, classmix, strong_augment
+from training.uda.pseudo_labels import pseudo_labels_from_probs, teacher_probabilities
+from training.uda.teacher import EmaTeacher, ema_alpha
 
-IGNORE_INDEX = 255
 STREAM_SOURCE, STREAM_TARGET, STREAM_STEP = 1, 2, 3
 
 
@@ -121,12 +130,21 @@ def gmm_config(cfg: TrainConfig) -> OnlineGmmConfig:
         momentum_ramp_iters=b.momentum_ramp_iters,
         catchup_after=b.catchup_after,
         catchup_momentum=b.catchup_momentum,
+        min_pixels=b.min_pixels,
     )
 
 
 def build_state(cfg: TrainConfig, world_size: int = 1, rank: int = 0) -> TrainState:
     torch.manual_seed(cfg.seed)
     model = build_network(cfg.model.network, cfg.model.num_classes)
+    if cfg.model.init_checkpoint:
+        weights = load_init_weights(cfg.model.init_checkpoint)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise ValueError(
+                f"model.init_checkpoint: expected weights of {cfg.model.network}, got: {str(err).splitlines()[0]}"
+            ) from err
     teacher = EmaTeacher(model) if cfg.self_training.enabled else None
     info = dist_utils.DistInfo(rank=rank, world_size=world_size, local_rank=rank)
     wrapped = dist_utils.wrap_ddp(model, info)
@@ -189,29 +207,81 @@ def _loss_inputs(logits: torch.Tensor, labels: torch.Tensor, full: bool) -> tupl
     return logits, _down_labels(labels, logits.shape[-2:])
 
 
-def _cdf_targets(logits_low: torch.Tensor, labels_low: torch.Tensor, gmm: GmmState) -> torch.Tensor:
-    """F_yy(z_y) per pixel: (N, h, w), 0 where unlabelled."""
+def _cdf_targets(
+    logits_low: torch.Tensor,  # (N, C, h, w)
+    labels_low: torch.Tensor,  # (N, h, w)
+    gmms: list[GmmState],  # one per domain
+    domain: torch.Tensor | None = None,  # (N, h, w) index into `gmms`; None: all pixels use gmms[0]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """F_yy(z_y) per pixel under its own domain's mixtures, and where it is defined (labelled, the row
+    estimated): ((N, h, w) float, (N, h, w) bool)."""
     with torch.no_grad():
         c = logits_low.shape[1]
         valid = (labels_low >= 0) & (labels_low < c)
         y = torch.where(valid, labels_low, torch.zeros_like(labels_low))
         zy = torch.gather(logits_low.detach(), 1, y[:, None])[:, 0].double()  # (N, h, w)
-        w, m, s = gmm.weights[y, y], gmm.means[y, y], gmm.stds[y, y]  # (N, h, w, K)
-        q = gmm_cdf(zy[..., None], w, m, s)[..., 0]
-        return torch.where(valid, q, torch.zeros_like(q)).float()
+        dom = torch.zeros_like(y) if domain is None else domain.long()
+        q = torch.zeros_like(zy)
+        for d, gmm in enumerate(gmms):
+            w, m, s = gmm.weights[y, y], gmm.means[y, y], gmm.stds[y, y]  # (N, h, w, K)
+            here = dom == d
+            q = torch.where(here, gmm_cdf(zy[..., None], w, m, s)[..., 0], q)
+            valid = valid & (~here | gmm.initialized.diagonal()[y])
+        return torch.where(valid, q, torch.zeros_like(q)).float(), valid
 
 
 def refresh_tables(state: TrainState, cfg: TrainConfig) -> None:
+    """Anchors (from the source GMMs only) and both domains' pair tables, rebuilt together."""
     assert state.gmm_source is not None and state.gmm_target is not None
     if not bool(state.gmm_source.initialized.diagonal().any()):
         return
     b = cfg.blda
-    # The anchors pool all source pairs and move slowly; rebuilding them (C²·K components) is the costly
-    # part, so it happens every anchor_every iterations, the pair tables every table_every.
-    if state.anchors is None or state.iteration % b.anchor_every == 0:
-        state.anchors = build_anchors(state.gmm_source)
+    state.anchors = build_anchors(state.gmm_source, weighting=b.anchor_weighting)
     state.shift_source = build_shift_table(state.gmm_source, state.anchors, b.table_knots, b.eps)
     state.shift_target = build_shift_table(state.gmm_target, state.anchors, b.table_knots, b.eps)
+
+
+def correction_strength(cfg: TrainConfig, iteration: int) -> float:
+    """t of the corrected CE at an iteration: 0 before blda.start_iter, then t (ramped over t_ramp_iters)."""
+    b = cfg.blda
+    if iteration < b.start_iter:
+        return 0.0
+    if b.t_ramp_iters <= 0:
+        return b.t
+    return b.t * min(1.0, (iteration - b.start_iter + 1) / b.t_ramp_iters)
+
+
+def _delta_inputs(
+    logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and labels that Δ and the GMM samples are taken from: upsampled logits with the labels
+    ("labels", the reference) or the logits with nearest-downsampled labels ("logits")."""
+    if cfg.blda.delta_resolution == "labels":
+        return _loss_inputs(logits, labels, full=True)
+    return logits, _down_labels(labels, logits.shape[-2:])
+
+
+def _update(
+    state: GmmState,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    it: int,
+    ctx: StepContext,
+    gen: torch.Generator,
+) -> GmmState:
+    return update_gmm(
+        state, _pixels(logits), labels.reshape(-1), it, gmm_config(ctx.cfg), gen, ctx.reduce, ctx.gather
+    )
+
+
+def _corrected(
+    logits: torch.Tensor,  # (N, C, h, w) the Δ inputs (with gradient)
+    labels: torch.Tensor,  # (N, h, w)
+    table: ShiftTable,
+    t: float,
+    domain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return corrected_logits(logits, shift_for_labels(logits, labels, table, domain), t)
 
 
 def _source_loss(
@@ -222,36 +292,30 @@ def _source_loss(
     it = state.iteration
     assert source.labels is not None
     out = state.model(source.images)
-    low = out.logits.shape[-2:]
-    src_low = _down_labels(source.labels, low)
+    full = cfg.optim.loss_resolution == "full"
+    z, y = _delta_inputs(out.logits, source.labels, cfg) if b.enabled else (out.logits, source.labels)
     if b.enabled:
         assert state.gmm_source is not None
-        state.gmm_source = update_gmm(
-            state.gmm_source,
-            _pixels(out.logits),
-            src_low.reshape(-1),
-            it,
-            gmm_config(cfg),
-            gmm_gen,
-            ctx.reduce,
-            ctx.gather,
-        )
-    src_logits = out.logits
+        state.gmm_source = _update(state.gmm_source, z, y, it, ctx, gmm_gen)
     if correcting and b.correct_source:
         assert state.shift_source is not None
-        src_logits = corrected_logits(
-            out.logits, shift_for_labels(out.logits, src_low, state.shift_source), b.t
-        )
-    logits, labels = _loss_inputs(src_logits, source.labels, cfg.optim.loss_resolution == "full")
+        z = _corrected(z, y, state.shift_source, correction_strength(cfg, it))
+    logits, labels = _loss_inputs(z, source.labels, full)
     loss = weighted_cross_entropy(logits, labels)
     if b.enabled and b.cdf_weight > 0 and state.gmm_source is not None:
-        valid = (src_low != IGNORE_INDEX) & state.gmm_source.initialized.diagonal()[
-            src_low.clamp_max(cfg.model.num_classes - 1)
-        ]
-        loss = loss + b.cdf_weight * cdf_loss(
-            out.cdf, _cdf_targets(out.logits, src_low, state.gmm_source), valid
-        )
+        src_low = _down_labels(source.labels, out.logits.shape[-2:])
+        target, valid = _cdf_targets(out.logits, src_low, [state.gmm_source])
+        loss = loss + b.cdf_weight * cdf_loss(out.cdf, target, valid)
     return loss
+
+
+def _pseudo_weight_map(weight: float, shape: Sequence[int], ignore_bottom: float) -> torch.Tensor:
+    """(N, H, W) pseudo-label weights: DACS' scalar confidence share, 0 on the ignored bottom rows."""
+    w = torch.full(tuple(shape), weight)
+    rows = round(shape[-2] * ignore_bottom)
+    if rows > 0:
+        w[..., shape[-2] - rows :, :] = 0.0
+    return w
 
 
 def _mixed_loss(
@@ -284,41 +348,42 @@ def _mixed_loss(
     mask = (
         class_masks(source.labels, gen) if st.classmix else torch.zeros_like(source.labels, dtype=torch.bool)
     )
-    mixed = classmix(source.images, source.labels, target.images, pl.labels, pl.weight, mask)
+    pseudo_weight = _pseudo_weight_map(pl.weight, pl.labels.shape, st.pseudo_ignore_bottom)
+    mixed = classmix(source.images, source.labels, target.images, pl.labels, pseudo_weight, mask)
     mean, std = torch.tensor(IMAGE_MEAN), torch.tensor(IMAGE_STD)
     images = strong_augment(mixed.images, mean, std, cfg.data.color_jitter, cfg.data.blur, gen)
     out_m = state.model(images)
-    low_m = out_m.logits.shape[-2:]
-    mix_low = _down_labels(mixed.labels, low_m)
-    src_mask_low = _down_labels(mixed.source_mask.long(), low_m).bool()
-    if b.enabled and b.track_target:
-        assert state.gmm_target is not None
-        tgt_only = torch.where(src_mask_low, torch.full_like(mix_low, IGNORE_INDEX), mix_low)
-        state.gmm_target = update_gmm(
-            state.gmm_target,
-            _pixels(out_m.logits),
-            tgt_only.reshape(-1),
-            it,
-            gmm_config(cfg),
-            gmm_gen,
-            ctx.reduce,
-            ctx.gather,
+    z = out_m.logits
+    if b.enabled:
+        z, y = _delta_inputs(out_m.logits, mixed.labels, cfg)
+        domain = _down_labels((~mixed.source_mask).long(), z.shape[-2:])  # 0 source, 1 target
+        if b.track_target:
+            assert state.gmm_target is not None
+            # Target pixels that carry a pseudo-label weight (not the ignored rows), optionally confident.
+            keep = (domain == 1) & (_down_weights(mixed.weights, z.shape[-2:]) > 0)
+            if b.target_gmm_confidence > 0:
+                keep = keep & (_down_weights(pl.confidence, z.shape[-2:]) > b.target_gmm_confidence)
+            tgt_only = torch.where(keep, y, torch.full_like(y, IGNORE_INDEX))
+            state.gmm_target = _update(state.gmm_target, z, tgt_only, it, ctx, gmm_gen)
+        if correcting and (b.correct_source or b.correct_target):
+            assert state.shift_source is not None and state.shift_target is not None
+            src = state.shift_source if b.correct_source else zero_table(state.shift_source)
+            tgt = state.shift_target if b.correct_target else zero_table(state.shift_target)
+            # Source pixels of the mix use the source tables, target pixels the target tables.
+            z = _corrected(z, y, stack_tables([src, tgt]), correction_strength(cfg, it), domain)
+    logits_m, labels_m = _loss_inputs(z, mixed.labels, full)
+    weights = mixed.weights if full else _down_weights(mixed.weights, logits_m.shape[-2:])
+    loss = weighted_cross_entropy(logits_m, labels_m, weights * ramp)
+    if b.enabled and b.cdf_weight > 0 and b.cdf_target:
+        assert state.gmm_source is not None and state.gmm_target is not None
+        low = out_m.logits.shape[-2:]
+        dom_low = _down_labels((~mixed.source_mask).long(), low)
+        target_q, valid = _cdf_targets(
+            out_m.logits, _down_labels(mixed.labels, low), [state.gmm_source, state.gmm_target], dom_low
         )
-    mix_logits = out_m.logits
-    if correcting and (b.correct_source or b.correct_target):
-        assert state.shift_source is not None and state.shift_target is not None
-        d_src = shift_for_labels(out_m.logits, mix_low, state.shift_source)
-        d_tgt = shift_for_labels(out_m.logits, mix_low, state.shift_target)
-        zero = torch.zeros_like(d_src)
-        delta = torch.where(  # source pixels use source GMMs, target pixels target GMMs
-            src_mask_low[:, None],
-            d_src if b.correct_source else zero,
-            d_tgt if b.correct_target else zero,
-        )
-        mix_logits = corrected_logits(out_m.logits, delta, b.t)
-    logits_m, labels_m = _loss_inputs(mix_logits, mixed.labels, full)
-    weights = mixed.weights if full else _down_weights(mixed.weights, low_m)
-    return weighted_cross_entropy(logits_m, labels_m, weights * ramp), pl.weight
+        valid = valid & (_down_weights(mixed.weights, low) > 0)
+        loss = loss + b.cdf_weight * cdf_loss(out_m.cdf, target_q, valid) * ramp
+    return loss, pl.weight
 
 
 def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
@@ -358,6 +423,9 @@ def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
 
 
 def _down_weights(weights: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(N, H, W) float -> (N, h, w) nearest."""
+    if weights.shape[-2:] == tuple(size):
+        return weights
     return F.interpolate(weights[:, None], size=tuple(size), mode="nearest")[:, 0]
 
 

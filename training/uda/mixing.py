@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = 255
+from calibration.labels import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

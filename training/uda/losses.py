@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from calibration.labels import IGNORE_INDEX
 
 
 def weighted_cross_entropy(
