@@ -1,12 +1,21 @@
-"""The arms comparison: source-only, self-training and self-training + BLDA over several seeds, each
-evaluated with `blda evaluate` on the target val split (raw and with post-hoc calibration at τ = 0.2), and a
-summary table of mean ± std.
+"""The arms comparison, warm-started: one converged source-only model per benchmark, then self-training and
+BLDA variants from it over several seeds, chosen on the tuning split and reported on val once.
 
-    .venv/bin/python scripts/run_arms.py --data data/synth --out runs/arms --seeds 0 1 2 --parallel 2 \
-        [--set optim.iterations=600 ...]
+    .venv/bin/python scripts/run_arms.py --data data/synth --out runs/arms/default --seeds 0 1 2 \\
+        --variant self-training=self-training --variant blda-t0.1=blda:blda.t=0.1 [--parallel 2]
 
-Runs are resumable: a run whose eval.json exists is not trained again, one with a checkpoint resumes.
-Every arm gets the same settings (the `--set` overrides apply to all of them).
+Per benchmark (`--data`) the script
+1. trains `source-only` from scratch (`--source-iterations`, seed 0): the shared start of every arm;
+2. trains every variant × seed from it (`model.init_checkpoint`), evaluating the tuning split every
+   `--eval-every` iterations (the curve: metrics.jsonl) and at the end (eval.json);
+3. evaluates every run with `blda evaluate --split tuning` at each τ of `--taus` (serving tables refitted
+   on target train), and picks per variant the τ with the best mean tuning mIoU (0: calibration off);
+4. evaluates every run once on `--split val`, raw and at that τ;
+5. writes summary.json and summary.md: tuning and val mIoU (mean ± std over seeds), class-IoU std, paired
+   differences against `--baseline`, the chosen τ, and which BLDA variant the tuning split picks.
+
+Nothing is chosen on val. Runs are resumable: finished steps are skipped, a stopped run resumes.
+A variant is NAME=ARM[:key=value[,key=value...]] (the settings are `blda train --set` overrides).
 """
 
 from __future__ import annotations
@@ -17,37 +26,57 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ARMS = ("blda", "self-training", "source-only")
 ROOT = Path(__file__).resolve().parent.parent
 BLDA = str(ROOT / ".venv" / "bin" / "blda")
+SOURCE_RUN = "source-only"
+# Warm-started arms adapt from iteration 0; the correction starts once the GMMs have seen some batches.
+WARM_START = ("self_training.start_iter=0", "blda.start_iter=50")
 
 
-def train_command(arm: str, seed: int, args: argparse.Namespace, run: Path) -> list[str]:
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    arm: str
+    settings: tuple[str, ...]
+
+
+def parse_variant(text: str) -> Variant:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--variant: expected NAME=ARM[:key=value,...], got {text!r}")
+    name, rest = text.split("=", 1)
+    arm, _, settings = rest.partition(":")
+    if arm not in ("self-training", "blda", "source-only") or not name:
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r}: expected an arm in source-only|self-training|blda"
+        )
+    return Variant(name, arm, tuple(s for s in settings.split(",") if s))
+
+
+def train_command(arm: str, seed: int, settings: list[str], args: argparse.Namespace, run: Path) -> list[str]:
     cmd = [BLDA, "train", "--arm", arm, "--seed", str(seed), "--data", str(args.data), "--out", str(run)]
-    cmd += ["--cache-dir", str(args.cache), "--threads", "1", "--resume", "--set", "log.progress=false"]
-    for item in args.set:
+    cmd += ["--cache-dir", str(args.cache), "--threads", "1", "--resume"]
+    for item in [
+        "log.progress=false",
+        "data.eval_split=tuning",
+        f"log.eval_every={args.eval_every}",
+        *settings,
+    ]:
         cmd += ["--set", item]
     return cmd
 
 
-def evaluate_command(run: Path, args: argparse.Namespace) -> list[str]:
-    return [
-        BLDA,
-        "evaluate",
-        "--checkpoint",
-        str(run / "checkpoint.pt"),
-        "--data",
-        str(args.data),
-        "--out",
-        str(run / "evaluate"),
-        "--tau",
-        "0.2",
-        "--threads",
-        "1",
-    ]
+def evaluate_command(
+    run: Path, split: str, taus: list[float], out: Path, args: argparse.Namespace
+) -> list[str]:
+    cmd = [BLDA, "evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(args.data)]
+    cmd += ["--split", split, "--out", str(out), "--threads", "1"]
+    for tau in taus:
+        cmd += ["--tau", f"{tau:g}"]
+    return cmd
 
 
 def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> dict[str, int]:
@@ -75,73 +104,126 @@ def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> dict[str
     return codes
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float]) -> list[float] | None:
     if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+        return None
+    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
 
 
-def summarise(out: Path, seeds: list[int]) -> dict[str, Any]:
+def _target(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text())["target"] if path.is_file() else None
+
+
+def _pct(m: dict[str, Any] | None, key: str = "miou") -> float | None:
+    return None if m is None or m.get(key) is None else 100 * float(m[key])
+
+
+def choose_tau(tuning: list[dict[str, Any]], taus: list[float]) -> float:
+    """The τ (0 = raw) with the best mean tuning mIoU over the seeds; raw wins ties."""
+    best_tau, best = 0.0, statistics.fmean(_pct(t["raw"]) or 0.0 for t in tuning)
+    for tau in taus:
+        values = [_pct(t["calibrated"].get(f"{tau:g}")) for t in tuning]
+        if None in values:
+            continue
+        mean = statistics.fmean(v for v in values if v is not None)
+        if mean > best + 1e-9:
+            best_tau, best = tau, mean
+    return best_tau
+
+
+def _decision(target: dict[str, Any], tau: float) -> dict[str, Any]:
+    return target["raw"] if tau == 0 else target["calibrated"][f"{tau:g}"]
+
+
+def summarise(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
-    for arm in ARMS:
+    for v in variants:
+        runs = _variant_runs(args, v)
+        tuning = [t for t in (_target(r / "evaluate-tuning" / "metrics.json") for r in runs) if t]
+        if len(tuning) != len(runs) or not runs:
+            continue
+        tau = choose_tau(tuning, args.taus)
+        val = [t for t in (_target(r / "evaluate-val" / "metrics.json") for r in runs) if t]
         per_seed = []
-        for seed in seeds:
-            run = out / f"{arm}-s{seed}"
-            ev_file, mt_file = run / "eval.json", run / "evaluate" / "metrics.json"
-            if not (ev_file.is_file() and mt_file.is_file()):
-                continue
-            ev = json.loads(ev_file.read_text())
-            target = json.loads(mt_file.read_text())["target"]
-            raw, cal = _pick(target)
-            steps = [json.loads(s)["step_seconds"] for s in (run / "metrics.jsonl").read_text().splitlines()]
+        for run, tun, va in zip(runs, tuning, val + [None] * (len(runs) - len(val)), strict=True):
             per_seed.append(
                 {
-                    "seed": seed,
-                    "miou": raw["miou"],
-                    "class_iou_std": raw["class_iou_std"],
-                    "miou_calibrated": cal["miou"] if cal else None,
-                    "class_iou_std_calibrated": cal["class_iou_std"] if cal else None,
-                    "train_seconds": ev["train_seconds"],
-                    "median_step_seconds": statistics.median(steps[len(steps) // 2 :]),
-                    "loop_eval_miou": ev["miou"],
+                    "run": str(run),
+                    "tuning_miou": _pct(tun["raw"]),
+                    "tuning_miou_calibrated": _pct(_decision(tun, tau)),
+                    "val_miou": _pct(va["raw"]) if va else None,
+                    "val_class_iou_std": _pct(va["raw"], "iou_std") if va else None,
+                    "val_miou_calibrated": _pct(_decision(va, tau)) if va else None,
+                    "val_class_iou_std_calibrated": _pct(_decision(va, tau), "iou_std") if va else None,
+                    "val_pit": va.get("pit") if va else None,
+                    "curve": _curve(run),
                 }
             )
-        if per_seed:
-            rows[arm] = {"runs": per_seed}
-            for key in (
-                "miou",
-                "class_iou_std",
-                "miou_calibrated",
-                "class_iou_std_calibrated",
-                "train_seconds",
-            ):
-                vals = [r[key] for r in per_seed if r[key] is not None]
-                rows[arm][key] = _mean_std(vals)
-    return rows
+        row: dict[str, Any] = {"arm": v.arm, "settings": list(v.settings), "tau": tau, "runs": per_seed}
+        for key in per_seed[0]:
+            if key.endswith(("miou", "std", "calibrated")):
+                row[key] = _mean_std([r[key] for r in per_seed if r[key] is not None])
+        rows[v.name] = row
+    base = rows.get(args.baseline)
+    for row in rows.values():
+        if base is not None:
+            for key in ("tuning_miou", "val_miou"):
+                pairs = [
+                    a[key] - b[key]
+                    for a, b in zip(row["runs"], base["runs"], strict=False)
+                    if a[key] is not None and b[key] is not None
+                ]
+                row[f"{key}_vs_baseline"] = _mean_std(pairs)
+    blda = {n: r for n, r in rows.items() if r["arm"] == "blda"}
+    chosen = max(blda, key=lambda n: blda[n]["tuning_miou"][0]) if blda else None
+    return {
+        "data": str(args.data),
+        "baseline": args.baseline,
+        "chosen_blda_on_tuning": chosen,
+        "variants": rows,
+    }
 
 
-def _pick(target: dict[str, Any]) -> tuple[dict[str, float], dict[str, float] | None]:
-    """(raw, calibrated at τ = 0.2) mIoU and class-IoU std in % from `blda evaluate`'s target metrics."""
+def _curve(run: Path) -> list[list[float]]:
+    """(iteration, tuning mIoU) from the training log: the mIoU against iterations."""
+    seen: dict[int, float] = {}
+    log = run / "metrics.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            if "miou" in rec:
+                seen.setdefault(int(rec["iteration"]) // 1, float(rec["miou"]))
+    # The value logged at an iteration is the last evaluation at or before it: keep its first appearance.
+    first: dict[float, int] = {}
+    for it in sorted(seen):
+        first.setdefault(seen[it], it)
+    return [[it, m] for m, it in sorted(first.items(), key=lambda kv: kv[1])]
 
-    def pct(m: dict[str, Any]) -> dict[str, float]:
-        return {"miou": 100 * float(m["miou"]), "class_iou_std": 100 * float(m["iou_std"])}
 
-    cal = target.get("calibrated", {}).get("0.2")
-    return pct(target["raw"]), (pct(cal) if cal else None)
+def _fmt(ms: list[float] | None) -> str:
+    return "–" if ms is None else f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
-def table(rows: dict[str, Any]) -> str:
+def table(summary: dict[str, Any]) -> str:
     lines = [
-        "| arm | mIoU | class-IoU std | mIoU, post-hoc τ=0.2 | class-IoU std, post-hoc | train s |",
-        "|---|---|---|---|---|---|",
+        "| variant | tuning mIoU | Δ tuning vs baseline | τ (tuning) | val mIoU | val class-IoU std "
+        "| val mIoU, calibrated | Δ val vs baseline |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for arm, r in rows.items():
-        cells = [arm]
-        for key in ("miou", "class_iou_std", "miou_calibrated", "class_iou_std_calibrated", "train_seconds"):
-            m, s = r[key]
-            cells.append(f"{m:.2f} ± {s:.2f}" if m == m else "n/a")
-        lines.append("| " + " | ".join(cells) + " |")
+    for name, r in summary["variants"].items():
+        mark = " (chosen on tuning)" if name == summary["chosen_blda_on_tuning"] else ""
+        lines.append(
+            f"| {name}{mark} | {_fmt(r.get('tuning_miou'))} | {_fmt(r.get('tuning_miou_vs_baseline'))} "
+            f"| {r['tau']:g} | {_fmt(r.get('val_miou'))} | {_fmt(r.get('val_class_iou_std'))} "
+            f"| {_fmt(r.get('val_miou_calibrated'))} | {_fmt(r.get('val_miou_vs_baseline'))} |"
+        )
     return "\n".join(lines)
+
+
+def _variant_runs(args: argparse.Namespace, v: Variant) -> list[Path]:
+    if v.arm == "source-only":
+        return [args.out / SOURCE_RUN]
+    return [args.out / f"{v.name}-s{seed}" for seed in args.seeds]
 
 
 def main() -> int:
@@ -149,39 +231,62 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "synth")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "arms")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "arms" / "default")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "cache")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[])
+    parser.add_argument(
+        "--baseline", default="self-training", help="variant the paired differences are against"
+    )
+    parser.add_argument("--iterations", type=int, default=1200, help="iterations of each adaptation run")
+    parser.add_argument("--source-iterations", type=int, default=3000)
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.1, 0.2, 0.4])
     parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], help="override for every arm (repeatable)")
+    parser.add_argument("--train-only", action="store_true", help="stop after training")
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args()
+    variants: list[Variant] = [Variant("source-only", "source-only", ()), *args.variant]
     if not args.summary_only:
+        source = args.out / SOURCE_RUN
+        if not (source / "eval.json").is_file():
+            cmd = train_command(
+                "source-only", 0, [f"optim.iterations={args.source_iterations}"], args, source
+            )
+            run_jobs([("train source-only", cmd, source / "train.log")], 1)
+        init = source / "checkpoint.pt"
         jobs = []
         for seed in args.seeds:
-            for arm in args.arms:
-                run = args.out / f"{arm}-s{seed}"
+            for v in variants[1:]:
+                run = args.out / f"{v.name}-s{seed}"
                 if not (run / "eval.json").is_file():
-                    jobs.append(
-                        (f"train {arm} s{seed}", train_command(arm, seed, args, run), run / "train.log")
-                    )
+                    settings = [f"model.init_checkpoint={init}", f"optim.iterations={args.iterations}"]
+                    cmd = train_command(v.arm, seed, [*settings, *WARM_START, *v.settings], args, run)
+                    jobs.append((f"train {v.name} s{seed}", cmd, run / "train.log"))
         codes = run_jobs(jobs, args.parallel)
-        evals = []
-        for seed in args.seeds:
-            for arm in args.arms:
-                run = args.out / f"{arm}-s{seed}"
-                if (run / "eval.json").is_file() and not (run / "evaluate" / "metrics.json").is_file():
-                    evals.append(
-                        (f"evaluate {arm} s{seed}", evaluate_command(run, args), run / "evaluate.log")
-                    )
-        codes.update(run_jobs(evals, args.parallel))
+        if not args.train_only:
+            for split, taus in (("tuning", args.taus), ("val", None)):
+                evals = []
+                for v in variants:
+                    runs = _variant_runs(args, v)
+                    if split == "val":
+                        tuning = [_target(r / "evaluate-tuning" / "metrics.json") for r in runs]
+                        if None in tuning:
+                            continue
+                        tau = choose_tau([t for t in tuning if t], args.taus)
+                        taus = [tau] if tau > 0 else []
+                    for run in runs:
+                        out = run / f"evaluate-{split}"
+                        if (run / "checkpoint.pt").is_file() and not (out / "metrics.json").is_file():
+                            cmd = evaluate_command(run, split, list(taus or []), out, args)
+                            evals.append((f"evaluate {split} {run.name}", cmd, run / f"evaluate-{split}.log"))
+                codes.update(run_jobs(evals, args.parallel))
         failed = {k: v for k, v in codes.items() if v != 0}
         if failed:
             print(f"failed: {failed}", file=sys.stderr)
-    rows = summarise(args.out, args.seeds)
-    (args.out / "summary.json").write_text(json.dumps(rows, indent=2))
-    text = table(rows)
+    summary = summarise(args, variants)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    text = table(summary)
     (args.out / "summary.md").write_text(text + "\n")
     print(text)
     return 0
