@@ -182,3 +182,51 @@ def anchor_quantile(z: np.ndarray, tables: CalibrationTables) -> np.ndarray:
     """z (P,) -> F_p(z) (P,) under the source positive anchor (compares classes with each other)."""
     z = np.asarray(z, dtype=np.float64).reshape(-1)
     return gmm_cdf(z, tables.anchor_pos)
+
+
+@dataclass(frozen=True)
+class PitCheck:
+    """The probability integral transform of held-out pixels under the tables' own positive pairs."""
+
+    mean: np.ndarray  # (C,) mean of u = F_ll(z_l) over pixels of true class l; nan where none
+    pixels: np.ndarray  # (C,) int64 pixels per class
+
+    @property
+    def deviation(self) -> float:
+        """Mean |mean u − ½| over the classes present: 0 when the tables describe these logits."""
+        present = self.pixels > 0
+        return float(np.mean(np.abs(self.mean[present] - 0.5))) if present.any() else float("nan")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "mean_u": [None if np.isnan(v) else round(float(v), 4) for v in self.mean],
+            "pixels": [int(n) for n in self.pixels],
+            "mean_abs_deviation": round(self.deviation, 4),
+            "range": [
+                round(float(np.nanmin(self.mean)), 4) if (self.pixels > 0).any() else None,
+                round(float(np.nanmax(self.mean)), 4) if (self.pixels > 0).any() else None,
+            ],
+        }
+
+
+def pit_check(
+    logits: np.ndarray,  # (C, P) logits of labelled pixels
+    labels: np.ndarray,  # (P,) true classes, IGNORE_INDEX skipped
+    tables: CalibrationTables,
+) -> PitCheck:
+    """Per class l, the mean of u = F_ll(z_l) over pixels of true class l (≈ 0.5 for tables that describe
+    these logits; high: the positive logits run above the tables, low: below)."""
+    logits = np.asarray(logits)
+    labels = np.asarray(labels).reshape(-1)
+    c = tables.num_classes
+    if logits.ndim != 2 or logits.shape != (c, labels.size):
+        raise ValueError(f"expected logits (C, P) = ({c}, {labels.size}), got {logits.shape}")
+    valid = (labels >= 0) & (labels < c)
+    cls = labels[valid].astype(np.int64)
+    z = logits[:, valid][cls, np.arange(cls.size)]  # (V,) each pixel's own-class logit
+    u = positive_quantile(z, cls, tables)
+    pixels = np.bincount(cls, minlength=c)
+    sums = np.bincount(cls, weights=u, minlength=c)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(pixels > 0, sums / np.maximum(pixels, 1), np.nan)
+    return PitCheck(mean, pixels.astype(np.int64))

@@ -32,6 +32,12 @@ def _errors_exit() -> Iterator[None]:
         raise
 
 
+def _refit_config(keep_fraction: float | None) -> Any:
+    from calibration.refit import RefitConfig
+
+    return RefitConfig() if keep_fraction is None else RefitConfig(keep_fraction=keep_fraction)
+
+
 def _parse_size(text: str) -> tuple[int, int] | None:
     if text.lower() in {"", "none", "native"}:
         return None
@@ -84,7 +90,19 @@ def export_command(
         str,
         typer.Option(help="HxW the service resizes images to, 'none', or 'auto' (data size x eval scale)."),
     ] = "auto",
-    tau: Annotated[float, typer.Option(help="Default calibration strength τ in the manifest.")] = 0.2,
+    tau: Annotated[
+        list[float] | None,
+        typer.Option(help="Calibration strengths τ tried on the target tuning split (repeatable)."),
+    ] = None,
+    tables_from_checkpoint: Annotated[
+        bool, typer.Option(help="Ship the checkpoint's training-time GMM tables instead of refitting.")
+    ] = False,
+    keep_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Refit: share of each predicted class's pixels used as pseudo-labels [default: 0.5]."
+        ),
+    ] = None,
     tolerance: Annotated[float, typer.Option(help="Max |torch - onnxruntime| logit difference.")] = 1e-3,
     metrics: Annotated[Path | None, typer.Option(help="metrics.json of `blda evaluate` to record.")] = None,
     description: Annotated[str, typer.Option(help="Free text for the manifest.")] = "",
@@ -107,8 +125,10 @@ def export_command(
             data=data,
             limit=limit,
             input_size=size,
-            tau=tau,
+            taus=tuple(tau) if tau else (0.1, 0.2, 0.4),
             tolerance=tolerance,
+            tables_from_checkpoint=tables_from_checkpoint,
+            refit=_refit_config(keep_fraction),
             metrics_file=metrics,
             description=description,
             seed=seed,
@@ -131,7 +151,9 @@ def evaluate_command(
     ] = None,
     network: Annotated[str | None, typer.Option(help="Network name for a plain state dict.")] = None,
     teacher: Annotated[bool, typer.Option(help="Evaluate the EMA teacher of the checkpoint.")] = False,
-    split: Annotated[str, typer.Option(help="Target split.")] = "val",
+    split: Annotated[
+        str, typer.Option(help="Target split: val (reported), tuning (choices), or train.")
+    ] = "val",
     tau: Annotated[list[float] | None, typer.Option(help="Calibration strengths τ (repeatable).")] = None,
     limit: Annotated[int, typer.Option(help="At most this many images (0: all).")] = 0,
     source: Annotated[bool, typer.Option(help="Also evaluate on the source domain.")] = False,
@@ -139,9 +161,23 @@ def evaluate_command(
         float | None,
         typer.Option(help="Resize images by this factor (default: bundle size / checkpoint eval scale)."),
     ] = None,
+    tables: Annotated[
+        str,
+        typer.Option(
+            help="Calibration tables: refit (the exporter's refit on train splits), checkpoint (training-time "
+            "GMMs), bundle, or auto (a bundle's own, else refit)."
+        ),
+    ] = "auto",
+    keep_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Refit: share of each predicted class's pixels used as pseudo-labels [default: 0.5]."
+        ),
+    ] = None,
     threads: Threads = 2,
 ) -> None:
-    """mIoU, per-class IoU, class-IoU std and Bias(l), raw and calibrated at each τ; JSON + PNG."""
+    """mIoU, per-class IoU, class-IoU std and Bias(l), raw and calibrated at each τ (τ = 0: raw only), and
+    the PIT check of the tables on the evaluated split; JSON + PNG."""
     if (checkpoint is None) == (bundle is None):
         typer.echo("error: expected exactly one of --checkpoint or --bundle", err=True)
         raise typer.Exit(2)
@@ -161,6 +197,8 @@ def evaluate_command(
             with_source=source,
             input_scale=input_scale,
             threads=threads,
+            tables=tables,
+            refit=_refit_config(keep_fraction),
         )
     _print_summary(metrics)
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'metrics.png'}")
@@ -182,6 +220,13 @@ def _print_summary(metrics: dict[str, Any]) -> None:
             label, f"{100 * m['miou']:.2f}", f"{100 * m['iou_std']:.2f}", f"{100 * m['pixel_accuracy']:.2f}"
         )
     Console().print(table)
+    pit = target.get("pit")
+    if pit:
+        lo, hi = pit["range"]
+        typer.echo(
+            f"PIT check of the tables on this split: mean |mean u - 0.5| = {pit['mean_abs_deviation']:.3f} "
+            f"(per-class mean u from {lo} to {hi}; 0.5 when the tables describe these logits)"
+        )
 
 
 @app.command("diagnose")

@@ -8,7 +8,7 @@ an uninterrupted run draws.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -197,19 +197,14 @@ def source_class_counts(dataset: NumpyDataset, num_classes: int) -> np.ndarray:
 def open_domains(data_dir: str | Path, source: str, target: str, tuning_fraction: float) -> dict[str, Any]:
     """The numpy datasets of a run: source (GTA5 layout), target train minus the tuning split, the tuning
     split and target val (Cityscapes layout), under data_dir. Errors name the missing folder."""
-    from training.data.datasets import CityscapesDataset, Gta5Dataset
-
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: expected a data folder (see `blda synth`), got no such folder")
-    src = Gta5Dataset(root / source)
-    tgt_all = CityscapesDataset(root / target, split="train")
-    train_idx, tuning_idx = split_tuning(len(tgt_all), tuning_fraction)
     return {
-        "source": src,
-        "target_train": Subset(tgt_all, train_idx),
-        "target_tuning": Subset(tgt_all, tuning_idx),
-        "target_val": CityscapesDataset(root / target, split="val"),
+        "source": open_split(root, "source", "train", folder=source),
+        "target_train": open_split(root, "target", "train", tuning_fraction, folder=target),
+        "target_tuning": open_split(root, "target", "tuning", tuning_fraction, folder=target),
+        "target_val": open_split(root, "target", "val", folder=target),
     }
 
 
@@ -260,3 +255,45 @@ def prescaled(dataset: NumpyDataset, scale: float, cache: Path, labelled: bool =
     if images.shape[0] != len(dataset):
         raise ValueError(f"{images_file}: expected {len(dataset)} cached images, got {images.shape[0]}")
     return ArrayDataset(images, labels)
+
+
+# Sub-folders of a data root as `blda synth` writes them (and where real datasets go): the source domain in
+# the GTA5 layout (train and a held-out val), the target domain in the Cityscapes layout (train/val splits).
+SOURCE_DIRS = {"train": "source", "val": "source_val"}
+TARGET_DIR = "target"
+# Target splits: "train" is target train less the tuning split (what adaptation and table fits see),
+# "tuning" the held-out part of target train (every choice), "val" the reported split.
+TARGET_SPLITS = ("train", "tuning", "val")
+
+
+def open_split(
+    data: str | Path, domain: str, split: str, tuning_fraction: float = 0.1, folder: str | None = None
+) -> Any:
+    """The dataset of `domain` ("source" or "target") and `split` under `data` (in `folder` instead of the
+    domain's default sub-folder): the one opener of `blda train`, `evaluate`, `export` and `diagnose`.
+    Errors name the folder and what was expected."""
+    from training.data.datasets import CityscapesDataset, Gta5Dataset
+
+    root = Path(data)
+    if domain == "source":
+        if split not in SOURCE_DIRS:
+            raise ValueError(f"split: expected one of {sorted(SOURCE_DIRS)} for the source, got {split!r}")
+        return Gta5Dataset(root / (folder if folder and split == "train" else SOURCE_DIRS[split]))
+    if domain != "target":
+        raise ValueError(f"domain: expected 'source' or 'target', got {domain!r}")
+    if split not in TARGET_SPLITS:
+        raise ValueError(f"split: expected one of {list(TARGET_SPLITS)} for the target, got {split!r}")
+    target_root = root / (folder or TARGET_DIR)
+    if split == "val":
+        return CityscapesDataset(target_root, split="val")
+    everything = CityscapesDataset(target_root, split="train")
+    train_idx, tuning_idx = split_tuning(len(everything), tuning_fraction)
+    return Subset(everything, train_idx if split == "train" else tuning_idx)
+
+
+def load_split(data: str | Path, domain: str, split: str, limit: int = 0) -> Iterable[Any]:
+    """Samples of `domain` and `split` under `data` (open_split), at most `limit` evenly spaced ones (0: all)."""
+    dataset = open_split(data, domain, split)
+    n = len(dataset)
+    picks = range(n) if limit <= 0 or limit >= n else np.linspace(0, n - 1, limit).round().astype(int)
+    return (dataset[int(i)] for i in picks)

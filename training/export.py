@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,15 @@ from calibration.bundle import (
     Provenance,
     save_bundle,
 )
-from calibration.distributions import fit_pair_gmms
-from calibration.tables import CalibrationTables, build_calibration_tables
+from calibration.refit import RefitConfig
+from calibration.tables import CalibrationTables, pit_check
 from training.data.classes import CLASSES
-from training.evaluation.evaluate import LabelledSample, PixelSampler, Predictor, sample_logits
-from training.networks import IMAGE_MEAN, IMAGE_STD, OUTPUT_STRIDE, build_network
+from training.datasets import load_split, open_split
+from training.evaluation.evaluate import accumulate_confusions, class_metrics
+from training.evaluation.predictors import Predictor, ResizingPredictor, TorchPredictor
+from training.models import ExportError, LoadedModel, load_model, untrained_model
+from training.networks import IMAGE_MEAN, IMAGE_STD, OUTPUT_STRIDE
+from training.tables import PixelSampler, fit_serving_tables
 
 OPSET = 17
 # Trace at a size and batch that no parity check uses, so the checks also prove the axes are dynamic.
@@ -41,10 +45,6 @@ PARITY_TOLERANCE = 1e-3  # max |torch - onnxruntime| in logit units
 BENCHMARK_IMAGE_SIZE = (256, 512)
 DEFAULT_INPUT_SIZE = (128, 256)
 MULTIPLE_OF = 32
-
-
-class ExportError(Exception):
-    """The exported model is unusable (checker failure, parity above tolerance, bad checkpoint)."""
 
 
 class LogitsOnly(nn.Module):
@@ -134,30 +134,6 @@ def export_checked(model: nn.Module, tolerance: float = PARITY_TOLERANCE) -> tup
     return model_bytes, errors
 
 
-def fit_tables_offline(
-    predictor: Predictor,
-    source: Iterable[LabelledSample],
-    target: Iterable[LabelledSample] | None,
-    num_classes: int,
-    pixels_per_image: int = 4096,
-    components: int = 5,
-    seed: int = 0,
-) -> CalibrationTables:
-    """Calibration tables from the model's logits: source pairs with ground truth, target pairs with the
-    model's own argmax as pseudo-labels (ground truth of the target is never used here)."""
-    src = PixelSampler(pixels_per_image, seed)
-    if sample_logits(predictor, source, src) == 0:
-        raise ExportError("source data: expected labelled images to fit calibration tables, got none")
-    source_pairs, source_counts = fit_pair_gmms(*src.arrays(), num_classes, k=components, seed=seed)
-    if target is None:
-        return build_calibration_tables(source_pairs, source_counts)
-    tgt = PixelSampler(pixels_per_image, seed + 1)
-    if sample_logits(predictor, target, tgt, pseudo_labels=True) == 0:
-        return build_calibration_tables(source_pairs, source_counts)
-    target_pairs, target_counts = fit_pair_gmms(*tgt.arrays(), num_classes, k=components, seed=seed)
-    return build_calibration_tables(source_pairs, source_counts, target_pairs, target_counts)
-
-
 @dataclass(frozen=True)
 class ExportSpec:
     name: str
@@ -167,6 +143,7 @@ class ExportSpec:
     description: str = ""
     input_size: tuple[int, int] | None = DEFAULT_INPUT_SIZE
     tau: float = 0.2
+    calibrate_default: bool = False
     source_domain: str = ""
     target_domain: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -180,7 +157,7 @@ def build_manifest(spec: ExportSpec, num_classes: int, tables: CalibrationTables
     calibration = None
     if tables is not None:
         calibration = CalibrationSpec(
-            enabled_default=spec.trained,
+            enabled_default=spec.calibrate_default,
             tau_default=spec.tau,
             eps=tables.eps,
             num_knots=int(tables.shifts.delta.shape[-1]),
@@ -227,86 +204,6 @@ def export_bundle(
     return save_bundle(models_dir, model_bytes, tables, manifest), errors
 
 
-def untrained_model(network: str, num_classes: int = 19, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_network(network, num_classes).eval()
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A network ready for export or evaluation, with what its checkpoint says about it."""
-
-    model: nn.Module
-    network: str
-    trained: bool
-    config: dict[str, Any] = field(default_factory=dict)
-    tables: CalibrationTables | None = None  # from the checkpoint's GMM state, when it has one
-    metrics: dict[str, Any] = field(default_factory=dict)
-    iteration: int | None = None
-    eval_scale: float | None = None  # the training loop evaluates on images resized by this factor
-
-
-def load_model(checkpoint: str | Path, network: str | None = None, teacher: bool = False) -> LoadedModel:
-    """A training checkpoint (a dict with "model" and, from the training loop, "network"/"config", GMM
-    states and metrics) or a plain state-dict file (then `network` names the architecture). `teacher`
-    takes the EMA teacher's weights of a self-training checkpoint instead of the student's."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected a checkpoint file, got no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a file that is not a checkpoint
-        raise ExportError(f"{path}: expected a torch checkpoint, got an unreadable file ({exc})") from exc
-    if not isinstance(state, dict):
-        raise ExportError(
-            f"{path}: expected a dict (a checkpoint or a state dict), got {type(state).__name__}"
-        )
-    if "format" in state and "model" in state:
-        return _from_training_checkpoint(path, network, teacher)
-    if network is None:
-        raise ExportError(f"{path}: a plain state dict does not name its network: expected --network NAME")
-    model = build_network(network)
-    _load_state(model, state, path)
-    return LoadedModel(model.eval(), network, trained=True)
-
-
-def _load_state(model: nn.Module, state: dict[str, Any], path: Path) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ExportError(
-            f"{path}: expected weights matching the network, got: {str(exc).splitlines()[0]}"
-        ) from exc
-
-
-def _from_training_checkpoint(path: Path, network: str | None, teacher: bool) -> LoadedModel:
-    from training.checkpoint import calibration_gmms, load_checkpoint
-    from training.config import to_dict
-
-    ckpt = load_checkpoint(path)
-    name = network or ckpt.config.model.network
-    model = build_network(name, ckpt.config.model.num_classes)
-    weights = ckpt.model
-    if teacher:
-        if ckpt.teacher is None:
-            raise ExportError(f"{path}: teacher: expected EMA teacher weights in the checkpoint, got none")
-        weights = ckpt.teacher
-    _load_state(model, weights, path)
-    tables = None
-    if ckpt.gmm_source is not None and int(ckpt.gmm_source.updates.sum()) > 0:
-        tables = build_calibration_tables(*calibration_gmms(ckpt))
-    return LoadedModel(
-        model.eval(),
-        name,
-        trained=True,
-        config=to_dict(ckpt.config),
-        tables=tables,
-        metrics=dict(ckpt.metrics),
-        iteration=ckpt.iteration,
-        eval_scale=float(ckpt.config.data.eval_scale),
-    )
-
-
 def run_export(
     *,
     out: Path,
@@ -319,17 +216,22 @@ def run_export(
     data: Path | None = None,
     limit: int = 200,
     input_size: tuple[int, int] | str | None = "auto",
-    tau: float = 0.2,
+    taus: Sequence[float] = (0.1, 0.2, 0.4),
     tolerance: float = PARITY_TOLERANCE,
     metrics_file: Path | None = None,
     description: str = "",
     seed: int = 0,
     threads: int = 2,
+    tables_from_checkpoint: bool = False,
+    refit: RefitConfig = RefitConfig(),
 ) -> dict[str, Any]:
-    """`blda export`: returns a summary (bundle path, parity errors, sizes, where the tables came from)."""
-    import json
+    """`blda export`: returns a summary (bundle path, parity errors, sizes, where the tables came from).
 
-    from training.evaluation.evaluate import ResizingPredictor, TorchPredictor, load_split
+    With `data`, the serving tables are refitted on the final model's eval-mode logits (after AdaBN) and
+    τ and the bundle's calibration default are chosen on the target tuning split: calibration is on by
+    default only when it raised tuning mIoU there. Without `data` (or with `tables_from_checkpoint`), the
+    checkpoint's training-time GMM tables ship, off by default (nothing justifies turning them on)."""
+    import json
 
     torch.set_num_threads(threads)
     if untrained:
@@ -344,28 +246,34 @@ def run_export(
         if checkpoint is None:
             raise ExportError("expected --checkpoint CKPT (or --untrained --network NAME)")
         loaded = load_model(checkpoint, network, teacher)
-    num_classes = int(getattr(loaded.model, "num_classes", len(CLASSES)))
     if isinstance(input_size, str):
         if input_size != "auto":
             raise ExportError(f"input size: expected HxW, 'none' or 'auto', got {input_size!r}")
         input_size = auto_input_size(loaded, data)
-    tables, tables_from = loaded.tables, "checkpoint GMM state"
+    tables, tables_from = loaded.tables, "checkpoint GMM state" if loaded.tables is not None else "none"
     data_desc: dict[str, Any] = {}
-    if tables is None and data is not None:
-        predictor: Predictor = TorchPredictor(loaded.model)
-        if loaded.eval_scale is not None and loaded.eval_scale != 1.0:
-            predictor = ResizingPredictor(predictor, scale=loaded.eval_scale)
+    choice: dict[str, Any] = {"enabled": False, "tau": float(taus[0]) if taus else 0.2}
+    if data is not None and not (tables_from_checkpoint and tables is not None):
         source = load_split(data, "source", "train", limit)
         target = load_split(data, "target", "train", limit)
-        tables = fit_tables_offline(predictor, source, target, num_classes, seed=seed)
-        tables_from = f"fitted offline on {data} (source train with labels, target train with pseudo-labels)"
-    elif tables is None:
-        tables_from = "none"
+        tables, report = fit_serving_tables(predictor_for(loaded), source, target, replace(refit, seed=seed))
+        tables_from = (
+            f"refitted on {data}: eval-mode logits of source train (labels) and target train (confident "
+            f"pseudo-labels, top {refit.keep_fraction:g} per class); rows kept from source: "
+            f"{[int(c) for c in np.flatnonzero(report.fallback_rows)]}"
+        )
+    if data is not None and tables is not None and len(open_split(data, "target", "tuning")) > 0:
+        choice = choose_calibration(predictor_for(loaded), load_split(data, "target", "tuning"), tables, taus)
+    elif data is not None and tables is not None:
+        choice["reason"] = "no target tuning images to measure it on: off by default"
+    elif tables is not None:
+        choice["reason"] = "no data to measure it on: off by default"
     if data is not None:
         data_desc["root"] = str(data)
     if isinstance(loaded.config.get("data"), dict):
         data_desc["config"] = loaded.config["data"]
     metrics = dict(loaded.metrics)
+    metrics["calibration_choice"] = choice
     if metrics_file is not None:
         if not metrics_file.is_file():
             raise FileNotFoundError(
@@ -385,7 +293,8 @@ def run_export(
         trained=loaded.trained,
         description=description or ("UNTRAINED: random weights, for wiring tests only" if untrained else ""),
         input_size=input_size,
-        tau=tau,
+        tau=choice["tau"],
+        calibrate_default=bool(choice["enabled"]),
         source_domain="source (GTA5 layout)" if tables is not None else "",
         target_domain="target (Cityscapes layout)" if tables is not None else "",
         config=_jsonable(config),
@@ -401,6 +310,42 @@ def run_export(
         "onnx_mb": round((bundle / "model.onnx").stat().st_size / 1e6, 3),
         "parity_max_abs": errors,
         "calibration_tables": tables_from,
+        "calibration_choice": {k: v for k, v in choice.items() if k != "pit"},
+    }
+
+
+def predictor_for(loaded: LoadedModel) -> Predictor:
+    """The model as the training loop evaluates it: images resized by its evaluation scale."""
+    predictor: Predictor = TorchPredictor(loaded.model)
+    if loaded.eval_scale is not None and loaded.eval_scale != 1.0:
+        predictor = ResizingPredictor(predictor, scale=loaded.eval_scale)
+    return predictor
+
+
+def choose_calibration(
+    predictor: Predictor, tuning: Iterable[Any], tables: CalibrationTables, taus: Sequence[float]
+) -> dict[str, Any]:
+    """τ with the best tuning-split mIoU, and whether it beats raw there (the bundle's default); the PIT
+    check of the tables on the tuning split's labelled pixels."""
+    sampler = PixelSampler(4096, seed=7)
+    conf = accumulate_confusions(predictor, tuning, tables.num_classes, tables, list(taus), sampler)
+    raw = float(class_metrics(conf.raw)["miou"] or 0.0)
+    scores = {tau: float(class_metrics(c)["miou"] or 0.0) for tau, c in conf.calibrated.items()}
+    best = max(scores, key=lambda t: scores[t]) if scores else 0.2
+    enabled = bool(scores) and scores[best] > raw
+    logits, labels = sampler.arrays()
+    return {
+        "split": "tuning",
+        "images": conf.num_images,
+        "raw_miou": raw,
+        "calibrated_miou": {f"{t:g}": m for t, m in scores.items()},
+        "tau": float(best),
+        "enabled": enabled,
+        "reason": (
+            f"calibration at τ={best:g} {'raised' if enabled else 'did not raise'} tuning mIoU "
+            f"({raw * 100:.2f} raw, {scores.get(best, raw) * 100:.2f} calibrated)"
+        ),
+        "pit": pit_check(logits[:, 0, :], labels[0], tables).to_dict(),
     }
 
 
@@ -412,8 +357,6 @@ def auto_input_size(loaded: LoadedModel, data: Path | None) -> tuple[int, int]:
 
     height, width = BENCHMARK_IMAGE_SIZE
     if data is not None:
-        from training.evaluation.evaluate import load_split
-
         first = next(iter(load_split(data, "target", "val", 1)), None)
         if first is not None:
             height, width = first.image.shape[:2]

@@ -76,7 +76,11 @@ def train(
             for name, ds in sets_named.items()
         ]
         domains = Domains(cached[0], cached[1], cached[2], prescale=d.scale_min)
-    result = run_training(cfg, domains, out, resume=resume)
+    try:
+        result = run_training(cfg, domains, out, resume=resume)
+    except (FileNotFoundError, ValueError) as err:  # a bad init checkpoint, a bad resume file
+        _fail(str(err))
+        return
     if "miou" in result:
-        summary = {k: result[k] for k in ("miou", "class_iou_std", "train_seconds", "iteration")}
+        summary = {k: result[k] for k in ("miou", "iou_std", "train_seconds", "iteration")}
         typer.echo(json.dumps(summary))

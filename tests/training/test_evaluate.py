@@ -10,13 +10,9 @@ import torch
 
 from calibration.distributions import fit_pair_gmms
 from calibration.tables import build_calibration_tables
-from training.evaluation.evaluate import (
-    PixelSampler,
-    accumulate_confusions,
-    class_metrics,
-    evaluate,
-    upsample_logits,
-)
+from training.evaluation.evaluate import accumulate_confusions, class_metrics, evaluate
+from training.evaluation.predictors import upsample_logits
+from training.tables import PixelSampler
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +131,7 @@ def test_pixel_sampler_keeps_labels_aligned_and_skips_ignore() -> None:
 
 
 def test_resizing_predictor_feeds_the_model_the_resized_image() -> None:
-    from training.evaluation.evaluate import ResizingPredictor
+    from training.evaluation.predictors import ResizingPredictor
 
     seen: list[tuple[int, ...]] = []
 

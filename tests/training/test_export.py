@@ -15,16 +15,9 @@ from calibration.bundle import load_bundle
 from calibration.distributions import fit_pair_gmms
 from calibration.tables import build_calibration_tables
 from training.data.classes import CLASS_NAMES, PALETTE
-from training.evaluation.evaluate import OnnxPredictor, TorchPredictor
-from training.export import (
-    ExportError,
-    ExportSpec,
-    check_onnx,
-    export_bundle,
-    load_model,
-    parity_errors,
-    to_onnx,
-)
+from training.evaluation.predictors import OnnxPredictor, TorchPredictor
+from training.export import ExportSpec, check_onnx, export_bundle, parity_errors, to_onnx
+from training.models import ExportError, load_model
 from training.networks import IMAGE_MEAN, IMAGE_STD, build_network
 
 NETWORK = "mobilenet_lraspp_tiny"

@@ -14,17 +14,11 @@ import torch
 
 from calibration.bias import label_free_bias
 from calibration.distributions import fit_pair_gmms
-from training.evaluation.evaluate import (
-    PixelSampler,
-    Predictor,
-    ResizingPredictor,
-    TorchPredictor,
-    accumulate_confusions,
-    class_metrics,
-    evaluate,
-    load_split,
-)
-from training.export import LoadedModel
+from training.datasets import load_split
+from training.evaluation.evaluate import accumulate_confusions, class_metrics, evaluate
+from training.evaluation.predictors import Predictor, ResizingPredictor, TorchPredictor
+from training.models import LoadedModel, load_model
+from training.tables import PixelSampler
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -89,8 +83,6 @@ def _source_only_model(
     data: Path, checkpoint: Path | None, network: str | None, iterations: int, out: Path, seed: int
 ) -> tuple[LoadedModel, dict[str, Any]]:
     """Load the given checkpoint, or train a source-only model with the training loop's defaults."""
-    from training.export import load_model
-
     if checkpoint is None:
         from training.config import load_config
         from training.datasets import open_domains

@@ -12,7 +12,6 @@ the same way, so a resumed run continues exactly and a run is deterministic on C
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -437,8 +436,10 @@ def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: EvalImages, num_classes: int, batch: int = 4) -> dict[str, Any]:
-    """mIoU, per-class IoU, class-IoU std and Bias(l) on whole images (calibration.bias)."""
-    from calibration.bias import bias_from_confusion, confusion_matrix, iou_from_confusion
+    """The metrics of `blda evaluate` (fractions: mIoU, per-class IoU, class-IoU std, Bias(l)) on whole
+    images, with the network's own upsampling of the logits to the label size."""
+    from calibration.bias import confusion_matrix
+    from training.evaluation.evaluate import class_metrics
 
     net = dist_utils.unwrap(model)
     was_training = net.training
@@ -451,14 +452,7 @@ def evaluate(model: nn.Module, dataset: EvalImages, num_classes: int, batch: int
         pred = predict(net, b.images).argmax(1).numpy()
         conf += confusion_matrix(pred, b.labels.numpy(), num_classes)
     net.train(was_training)
-    iou = iou_from_confusion(conf)
-    return {
-        "miou": float(np.nanmean(iou) * 100),
-        "class_iou": [None if math.isnan(v) else float(v * 100) for v in iou],
-        "class_iou_std": float(np.nanstd(iou) * 100),
-        "bias": [float(v) for v in bias_from_confusion(conf)],
-        "images": len(dataset),
-    }
+    return {**class_metrics(conf), "images": len(dataset)}
 
 
 def _checkpoint(state: TrainState, cfg: TrainConfig, metrics: dict[str, Any]) -> Checkpoint:
@@ -588,7 +582,7 @@ def run_training(
                     k: f"{running[k]:.3f}" for k in ("loss_source", "loss_mix") if k in running
                 }
                 if last_eval:
-                    shown["mIoU"] = f"{last_eval['miou']:.1f}"
+                    shown["mIoU"] = f"{100 * last_eval['miou']:.1f}"
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
             if info.is_main and it % cfg.log.checkpoint_every == 0 and it < total:
