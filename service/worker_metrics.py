@@ -79,9 +79,9 @@ class WorkerMetrics:
                     )
         # A version whose directory was removed: 0 everywhere rather than remove(), which in multiprocess
         # mode would leave its last value in this worker's file.
-        for model, version in self._versions - seen:
+        for model, gone in self._versions - seen:
             for status in STATUSES:
-                self.version_status.labels(model, version, status).set(0)
+                self.version_status.labels(model, gone, status).set(0)
         self._versions |= seen
 
     def start(self, models: ModelRegistry) -> None:

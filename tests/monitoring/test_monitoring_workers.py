@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from fastapi.testclient import TestClient
+from monitoring_helpers import wait_until
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -51,7 +52,9 @@ def test_a_single_process_reports_its_own_figures_and_version_status(client: Tes
     assert samples[("blda_process_resident_memory_bytes", ())] > 10 * 2**20  # numpy, onnxruntime loaded
     assert samples[("blda_process_open_fds", ())] >= 3
     status = {
-        dict(labels)["status"]: v for (name, labels), v in samples.items() if name == "blda_model_version_status"
+        dict(labels)["status"]: v
+        for (name, labels), v in samples.items()
+        if name == "blda_model_version_status"
     }
     assert status == {"ready": 1, "stale": 0, "failed": 0}
 
@@ -115,3 +118,19 @@ def test_each_worker_reports_its_own_process_figures(tmp_path: Path) -> None:
         assert figures["blda_process_open_fds"][pid] >= 20
     multiprocess.mark_process_dead(int(pids[0]), path=str(directory))  # as stop_monitoring does
     assert all(sorted(v) == pids[1:] for v in collect().values())
+
+
+def test_the_timer_picks_up_a_reload_and_stops() -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry, interval_s=0.02)
+    versions = {"1": _version("1", "ready")}
+    models: Any = SimpleNamespace(models=lambda: [SimpleNamespace(name="m", versions=versions)])
+    labels = {"model": "m", "version": "1", "status": "stale"}
+    metrics.start(models)
+    try:
+        assert registry.get_sample_value("blda_model_version_status", labels) == 0
+        versions["1"] = _version("1", "stale")  # a reload in this worker failed
+        wait_until(lambda: registry.get_sample_value("blda_model_version_status", labels) == 1, 5.0, "a tick")
+    finally:
+        metrics.stop()
+    assert metrics._thread is None
