@@ -18,12 +18,15 @@ import yaml
 from monitoring_helpers import CLASS_NAMES, fitted_tables, model_weights, random_record, require_tool
 
 from service.telemetry import DECISIONS, QUANTILE_BUCKETS, BiasTotals, Telemetry, bias_report
+from service.worker_metrics import WorkerMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 DATASOURCE_UID = "blda-prometheus"
+# Series Prometheus itself writes: scrape health and the alerts' state.
+PROMETHEUS_SERIES = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 GRAFANA_SCHEMA_VERSION = 39
 
 
@@ -46,6 +49,9 @@ def exported_names() -> set[str]:
     telemetry.observe_feedback("m", "1", np.ones((2, len(CLASS_NAMES), len(CLASS_NAMES)), np.int64))
     telemetry.http_requests.labels("/x", "GET", "200").inc()
     telemetry.http_duration.labels("/x", "GET").observe(0.1)
+    workers = WorkerMetrics(telemetry.registry)
+    workers.sample()
+    workers.version_status.labels("m", "1", "ready").set(1)
     return {
         s.name for m in telemetry.registry.collect() for s in m.samples if not s.name.endswith("_created")
     }
@@ -62,13 +68,23 @@ def test_rules_pass_promtool_check() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def all_rules() -> list[dict[str, Any]]:
+    return [
+        rule
+        for path in RULES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+    ]
+
+
 def test_rules_only_use_exported_series_and_bucket_bounds() -> None:
-    known = exported_names() | recorded_names()
+    known = exported_names() | recorded_names() | PROMETHEUS_SERIES
     for path in RULES:
         for group in yaml.safe_load(path.read_text())["groups"]:
             for rule in group["rules"]:
                 unknown = series_names(rule["expr"]) - known
-                assert not unknown, f"{path.name}: {rule.get('record')}: unknown series {unknown}"
+                name = rule.get("record", rule.get("alert"))
+                assert not unknown, f"{path.name}: {name}: unknown series {unknown}"
     bounds = set(re.findall(r'le="([^"]+)"', "".join(p.read_text() for p in RULES)))
     # The strings prometheus_client writes; "1.0" is left out (Prometheus 3 normalises it to "1").
     assert bounds == {str(b) for b in QUANTILE_BUCKETS[:-1]}
@@ -84,7 +100,13 @@ def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     local.write_text(yaml.safe_dump(config))
     result = promtool("check", "config", str(local))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(recorded_names())} rules found" in result.stdout
+    found = re.findall(r"SUCCESS: (\d+) rules found", result.stdout)
+    assert len(found) == len(RULES) and sum(map(int, found)) == len(all_rules()), result.stdout
+    # Alerts go to the compose file's Alertmanager service, on its port.
+    (target,) = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    host, port = target.split(":")
+    assert host in compose["services"] and f"{port}:{port}" in compose["services"][host]["ports"]
 
 
 # The rule maths, against the Python definitions of GET /v1/models/{name}/bias (service.telemetry.bias_report):
@@ -289,7 +311,7 @@ def test_dashboard_structure(path: Path) -> None:
 
 
 def test_every_panel_query_parses_and_names_a_real_series(tmp_path: Path) -> None:
-    known = exported_names() | recorded_names()
+    known = exported_names() | recorded_names() | PROMETHEUS_SERIES
     rules = []
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
@@ -347,10 +369,10 @@ def test_grafana_provisioning_points_at_the_compose_services() -> None:
 def test_compose_file() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"blda", "prometheus", "grafana"}
+    assert set(services) == {"blda", "prometheus", "alertmanager", "grafana"}
     assert services["blda"]["deploy"]["replicas"] == 2
     assert services["blda"]["build"]["dockerfile"] == "Dockerfile"
-    for name in ("prometheus", "grafana"):
+    for name in ("prometheus", "alertmanager", "grafana"):
         image, _, tag = services[name]["image"].rpartition(":")
         assert image and re.fullmatch(r"v?\d+\.\d+\.\d+", tag), (
             f"{name}: expected a pinned version, got {tag!r}"
@@ -364,6 +386,11 @@ def test_compose_file() -> None:
                 assert source in compose["volumes"], f"{name}: undeclared volume {source}"
     prometheus_mounts = {v.split(":")[1] for v in services["prometheus"]["volumes"]}
     assert {"/etc/prometheus/prometheus.yml", "/etc/prometheus/rules"} <= prometheus_mounts
+    alertmanager = services["alertmanager"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in alertmanager["volumes"]}
+    config = next(a.split("=", 1)[1] for a in alertmanager["command"] if a.startswith("--config.file="))
+    assert (REPO / mounts[config]).resolve() == (DEPLOY / "alertmanager" / "alertmanager.yml").resolve()
+    assert "--log.level=debug" in alertmanager["command"]  # the default receiver's record is the log
     command = services["blda"]["command"]
     assert (
         command[command.index("--port") + 1] == "8000" and command[command.index("--host") + 1] == "0.0.0.0"
