@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
-DATASOURCE_UID = "blda-prometheus"
+DATASOURCE_UID = "blda-prometheus"  # the provisioned datasource; dashboards pick theirs by variable
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Series Prometheus itself writes: scrape health and the alerts' state.
 PROMETHEUS_SERIES = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 GRAFANA_SCHEMA_VERSION = 39
@@ -269,6 +270,9 @@ def test_series_names_parser() -> None:
         "(a:b:c > 0) - on (model) group_left () 1 / count(group by (x) (y_total)) + 1e6"
     )
     assert series_names(expr) == {"blda_x_bucket", "a:b:c", "y_total"}
+    assert grafana_to_promql('rate(x{m=~"$model", v=~"${version}"}[$__rate_interval])') == (
+        'rate(x{m=~".*", v=~".*"}[5m])'
+    )
 
 
 def panels_of(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
@@ -280,15 +284,15 @@ def panels_of(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def grafana_to_promql(expr: str) -> str:
-    return (
-        re.sub(r"\$(\w+)|\$\{(\w+)\}", ".*", expr)
-        .replace("$__rate_interval", "5m")
-        .replace("$__interval", "1m")
-    )
+    # Grafana's interval variables first: the generic rule below would turn them into regexes.
+    expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
+    return re.sub(r"\$(\w+)|\$\{(\w+)\}", ".*", expr)
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_dashboard_structure(path: Path) -> None:
+    # Importable into any Grafana: no panel, query or variable is bound to the provisioned uid.
+    assert DATASOURCE_UID not in path.read_text()
     dashboard = json.loads(path.read_text())
     assert dashboard["schemaVersion"] == GRAFANA_SCHEMA_VERSION
     assert re.fullmatch(r"[a-z0-9-]{1,40}", dashboard["uid"]) and dashboard["title"]
@@ -296,8 +300,15 @@ def test_dashboard_structure(path: Path) -> None:
     assert len(panels) >= 6
     assert len({p["id"] for p in panels}) == len(panels), "panel ids must be unique"
     for panel in panels:
-        assert panel["title"] and panel["type"] in {"timeseries", "stat", "bargauge", "table", "gauge"}
-        assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}, panel["title"]
+        assert panel["title"] and panel["type"] in {
+            "timeseries",
+            "stat",
+            "bargauge",
+            "table",
+            "gauge",
+            "state-timeline",
+        }
+        assert panel["datasource"] == DATASOURCE, panel["title"]
         assert {"x", "y", "w", "h"} <= panel["gridPos"].keys() and panel["gridPos"]["x"] + panel["gridPos"][
             "w"
         ] <= 24
@@ -305,9 +316,22 @@ def test_dashboard_structure(path: Path) -> None:
         ref_ids = [t["refId"] for t in panel["targets"]]
         assert len(set(ref_ids)) == len(ref_ids)
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == DATASOURCE_UID and target["expr"].strip()
-    for variable in dashboard["templating"]["list"]:
-        assert variable["datasource"]["uid"] == DATASOURCE_UID
+            assert target["datasource"] == DATASOURCE and target["expr"].strip()
+    source, *variables = dashboard["templating"]["list"]
+    assert (source["name"], source["type"], source["query"]) == ("datasource", "datasource", "prometheus")
+    for variable in variables:
+        assert variable["type"] == "query" and variable["datasource"] == DATASOURCE, variable["name"]
+    (annotation,) = annotations_of(dashboard)
+    assert annotation["datasource"] == DATASOURCE and annotation["enable"]
+    # Model-version changes: a (model, version) of blda_model_info that was not there a step before.
+    assert series_names(grafana_to_promql(annotation["expr"])) == {"blda_model_info"}
+    assert "unless" in annotation["expr"] and "offset" in annotation["expr"]
+    assert "{{version}}" in annotation["textFormat"]
+
+
+def annotations_of(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """The query annotations (the built-in Grafana one, if present, has no expr)."""
+    return [a for a in dashboard["annotations"]["list"] if "expr" in a]
 
 
 def test_every_panel_query_parses_and_names_a_real_series(tmp_path: Path) -> None:
@@ -316,7 +340,9 @@ def test_every_panel_query_parses_and_names_a_real_series(tmp_path: Path) -> Non
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
         exprs = [(p["title"], t["expr"]) for p in panels_of(dashboard) for t in p["targets"]]
-        exprs += [(f"variable {v['name']}", v["query"]["query"]) for v in dashboard["templating"]["list"]]
+        exprs += [(f"variable {v['name']}", v["query"]["query"]) for v in dashboard["templating"]["list"]
+                  if v["type"] == "query"]  # fmt: skip
+        exprs += [(f"annotation {a['name']}", a["expr"]) for a in annotations_of(dashboard)]
         for title, expr in exprs:
             label_values = re.fullmatch(r"label_values\((.+),\s*\w+\)", expr.strip())
             promql = grafana_to_promql(label_values.group(1) if label_values else expr)
@@ -345,8 +371,50 @@ def test_dashboards_show_what_the_issue_asks_for() -> None:
         "blda_stage_duration_seconds:p95",
         "route_status:blda_http_requests:rate1m",
         "blda_http_requests_in_flight",
+        'ALERTS{alertstate="firing"',
+        "blda_process_cpu_seconds",
+        "blda_process_resident_memory_bytes",
+        "blda_process_open_fds",
+        "blda_model_version_status",
+        "route:blda_http_request_duration_seconds:p99_rate5m",
     ):
         assert needed in exprs, needed
+
+
+def alert_thresholds() -> dict[str, float]:
+    (group,) = [g for g in yaml.safe_load((DEPLOY / "prometheus/rules/alerts.yml").read_text())["groups"]
+                if g["name"] == "blda_alert_thresholds"]  # fmt: skip
+    return {
+        r["record"]: float(re.fullmatch(r"vector\((.+)\)", r["expr"].strip()).group(1))
+        for r in group["rules"]
+    }
+
+
+def test_the_bias_timeline_colours_the_alert_band() -> None:
+    band = alert_thresholds()["blda:alert_threshold:positive_quantile_band"]
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/blda-bias.json").read_text())
+    (timeline,) = [p for p in panels_of(dashboard) if p["type"] == "state-timeline"]
+    (target,) = timeline["targets"]
+    assert target["expr"].startswith(
+        "model_version_class_decision:blda_positive_quantile:mean_minus_half_rate5m"
+    )
+    assert 'decision="raw"' in target["expr"] and target["legendFormat"] == "{{class}}"  # one row per class
+    defaults = timeline["fieldConfig"]["defaults"]
+    assert defaults["color"]["mode"] == "thresholds"
+    steps = [step["value"] for step in defaults["thresholds"]["steps"]]
+    assert steps == [None, -band, band]
+
+
+def test_threshold_lines_are_the_alert_thresholds() -> None:
+    """Panels draw the threshold series themselves: a change in alerts.yml moves the line too."""
+    drawn = {t["expr"].lstrip("-") for p in DASHBOARDS for panel in panels_of(json.loads(p.read_text()))
+             for t in panel["targets"] if "alert_threshold" in t["expr"]}  # fmt: skip
+    assert drawn == {
+        "blda:alert_threshold:positive_quantile_band",
+        "blda:alert_threshold:predicted_share_drift",
+        "blda:alert_threshold:calibration_flip_rate",
+        "blda:alert_threshold:segment_p99_seconds",
+    }
 
 
 def test_grafana_provisioning_points_at_the_compose_services() -> None:
