@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -220,12 +221,26 @@ def images_per_worker(directory: Path) -> dict[str, float]:
     return counts
 
 
-def test_prometheus_rules_match_the_served_traffic(
-    tmp_path: Path, exact_models: tuple[Path, CalibrationTables]
-) -> None:
+@dataclass
+class Stack:
+    base: str  # the service
+    prometheus: str
+    multiproc: Path
+
+
+def alertmanager_tool() -> str:
+    # Upstream names the binary alertmanager, Debian's package prometheus-alertmanager.
+    return shutil.which("alertmanager") or require_tool("prometheus-alertmanager", "prometheus-alertmanager")
+
+
+@contextmanager
+def monitoring_stack(
+    tmp_path: Path, models_dir: Path, rules: Path, alertmanager: Path | None = None
+) -> Iterator[Stack]:
+    """`blda serve --workers 2`, Prometheus evaluating the rule files in ``rules`` every second and, with
+    ``alertmanager`` (a config file), an Alertmanager it sends its alerts to; all on 127.0.0.1."""
     prometheus_bin = require_tool("prometheus")
-    models_dir, tables = exact_models
-    port, prom_port = free_port(), free_port()
+    port, prom_port, am_port = free_port(), free_port(), free_port()
     base, prometheus = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{prom_port}"
     multiproc = tmp_path / "multiproc"
     multiproc.mkdir()
@@ -238,19 +253,29 @@ def test_prometheus_rules_match_the_served_traffic(
     }
     serve = [sys.executable, "-m", "blda", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
              "--models-dir", str(models_dir), "--log-level", "warning", "--no-access-log"]  # fmt: skip
-    config = {
+    config: dict[str, Any] = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES_DIR / "*.yml")],
+        "rule_files": [str(rules / "*.yml")],
         "scrape_configs": [{"job_name": "blda", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
     }
+    if alertmanager is not None:
+        targets = [{"targets": [f"127.0.0.1:{am_port}"]}]
+        config["alerting"] = {"alertmanagers": [{"static_configs": targets}]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     prom = [prometheus_bin, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"]  # fmt: skip
 
-    with (
-        running(serve, tmp_path / "serve.log", env) as server,
-        running(prom, tmp_path / "prometheus.log") as prom_p,
-    ):
+    with ExitStack() as stack:
+        if alertmanager is not None:
+            # No cluster listener (it would bind every interface); debug level: the notifications' record.
+            am = [alertmanager_tool(), f"--config.file={alertmanager}", f"--storage.path={tmp_path / 'am'}",
+                  f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=", "--log.level=debug"]  # fmt: skip
+            am_p = stack.enter_context(running(am, tmp_path / "alertmanager.log"))
+            wait_for(
+                f"http://127.0.0.1:{am_port}/-/ready", am_p, tmp_path / "alertmanager.log", "alertmanager"
+            )
+        server = stack.enter_context(running(serve, tmp_path / "serve.log", env))
+        prom_p = stack.enter_context(running(prom, tmp_path / "prometheus.log"))
         wait_for(f"{base}/readyz", server, tmp_path / "serve.log", "blda serve")
         wait_for(f"{prometheus}/-/ready", prom_p, tmp_path / "prometheus.log", "prometheus")
         # Both workers have started and written their series (at 0) to the multiprocess directory.
@@ -262,7 +287,15 @@ def test_prometheus_rules_match_the_served_traffic(
         while not query(prometheus, f'blda_predicted_pixels_total{{model="{MODEL}"}}'):
             assert time.monotonic() < deadline, "prometheus never scraped the service"
             time.sleep(0.2)
+        yield Stack(base, prometheus, multiproc)
 
+
+def test_prometheus_rules_match_the_served_traffic(
+    tmp_path: Path, exact_models: tuple[Path, CalibrationTables]
+) -> None:
+    models_dir, tables = exact_models
+    with monitoring_stack(tmp_path, models_dir, RULES_DIR) as stack:
+        base, prometheus, multiproc = stack.base, stack.prometheus, stack.multiproc
         expected = serve_traffic(base, tables)
         assert expected.flipped.sum() > 0 and expected.confusion[1].sum() > 0
         wanted = expected_rules(expected)
@@ -280,6 +313,12 @@ def test_prometheus_rules_match_the_served_traffic(
         print(
             "images per worker:", images_per_worker(multiproc)
         )  # which worker got a connection is up to the kernel
+        # Each worker's process figures: one series per pid, as many as workers.
+        pids = httpx.get(f"{prometheus}/api/v1/query", params={"query": "blda_process_resident_memory_bytes"})
+        series = pids.json()["data"]["result"]
+        assert len({r["metric"]["pid"] for r in series}) == 2 and all(
+            float(r["value"][1]) > 0 for r in series
+        )
         scrape = httpx.get(f"{base}/metrics", timeout=10).text
         check = subprocess.run(
             [require_tool("promtool"), "check", "metrics"],
