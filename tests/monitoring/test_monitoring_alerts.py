@@ -83,6 +83,7 @@ def test_alerts_are_qualified_and_link_their_runbook() -> None:
         assert notes["summary"] and notes["description"], name
         path, _, anchor = notes["runbook_url"].partition("#")
         assert path == "deploy/README.md" and anchor in anchors, f"{name}: no section #{anchor} in {path}"
+        assert anchor == name.lower(), f"{name}: expected its runbook under its own name, got #{anchor}"
         # What the alert is about (model, version, class, route, ...) is in its summary.
         for label in SUBJECT_LABELS:
             if label in fired[name][0]["exp_labels"]:
