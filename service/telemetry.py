@@ -40,6 +40,7 @@ from calibration.tables import CalibrationTables
 from service.feedback import FeedbackSettings, FeedbackStore
 from service.imaging import nearest_indices
 from service.records import SegmentationRecord
+from service.worker_metrics import WorkerMetrics
 
 if TYPE_CHECKING:
     from service.registry import ModelRegistry
@@ -699,7 +700,8 @@ def register_loaded_versions(telemetry: Telemetry, registry: ModelRegistry) -> N
 
 
 def start_monitoring(app: Any, registry: ModelRegistry) -> None:
-    """Create the telemetry and the feedback store on ``app.state`` and register their observers.
+    """Create the telemetry and the feedback store on ``app.state`` and register their observers; start
+    this worker's process and version-status sampler (:mod:`service.worker_metrics`).
 
     Every loaded version's series are created at 0 here, before the first scrape.
     """
@@ -710,6 +712,9 @@ def start_monitoring(app: Any, registry: ModelRegistry) -> None:
     app.state.telemetry = telemetry
     app.state.feedback_store = store
     app.state.segmentation_observers.extend([telemetry.observe_segmentation, store.observe])
+    workers = WorkerMetrics(telemetry.registry)
+    workers.start(registry)
+    app.state.worker_metrics = workers
 
 
 def stop_monitoring(app: Any) -> None:
@@ -722,5 +727,9 @@ def stop_monitoring(app: Any) -> None:
             observers.remove(hook)
     app.state.telemetry = None
     app.state.feedback_store = None
+    workers = getattr(app.state, "worker_metrics", None)
+    if workers is not None:
+        workers.stop()
+        app.state.worker_metrics = None
     if multiprocess_dir() is not None:
         multiprocess.mark_process_dead(os.getpid())

@@ -237,11 +237,11 @@ class Expected:
             self.confusion[d] += confusion_matrix(mask, truth, self.num_classes)
 
 
-def require_tool(name: str) -> str:
+def require_tool(name: str, package: str = "prometheus") -> str:
     """Path of a Prometheus tool; skips without it, except on CI (CI=true) where it must be installed."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found on PATH (Debian package 'prometheus'; .ci/run installs it)"
+        message = f"{name} not found on PATH (Debian package {package!r}; .ci/run installs it)"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)

@@ -18,12 +18,16 @@ import yaml
 from monitoring_helpers import CLASS_NAMES, fitted_tables, model_weights, random_record, require_tool
 
 from service.telemetry import DECISIONS, QUANTILE_BUCKETS, BiasTotals, Telemetry, bias_report
+from service.worker_metrics import WorkerMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
-DATASOURCE_UID = "blda-prometheus"
+DATASOURCE_UID = "blda-prometheus"  # the provisioned datasource; dashboards pick theirs by variable
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# Series Prometheus itself writes: scrape health and the alerts' state.
+PROMETHEUS_SERIES = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 GRAFANA_SCHEMA_VERSION = 39
 
 
@@ -46,6 +50,9 @@ def exported_names() -> set[str]:
     telemetry.observe_feedback("m", "1", np.ones((2, len(CLASS_NAMES), len(CLASS_NAMES)), np.int64))
     telemetry.http_requests.labels("/x", "GET", "200").inc()
     telemetry.http_duration.labels("/x", "GET").observe(0.1)
+    workers = WorkerMetrics(telemetry.registry)
+    workers.sample()
+    workers.version_status.labels("m", "1", "ready").set(1)
     return {
         s.name for m in telemetry.registry.collect() for s in m.samples if not s.name.endswith("_created")
     }
@@ -62,13 +69,23 @@ def test_rules_pass_promtool_check() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def all_rules() -> list[dict[str, Any]]:
+    return [
+        rule
+        for path in RULES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+    ]
+
+
 def test_rules_only_use_exported_series_and_bucket_bounds() -> None:
-    known = exported_names() | recorded_names()
+    known = exported_names() | recorded_names() | PROMETHEUS_SERIES
     for path in RULES:
         for group in yaml.safe_load(path.read_text())["groups"]:
             for rule in group["rules"]:
                 unknown = series_names(rule["expr"]) - known
-                assert not unknown, f"{path.name}: {rule.get('record')}: unknown series {unknown}"
+                name = rule.get("record", rule.get("alert"))
+                assert not unknown, f"{path.name}: {name}: unknown series {unknown}"
     bounds = set(re.findall(r'le="([^"]+)"', "".join(p.read_text() for p in RULES)))
     # The strings prometheus_client writes; "1.0" is left out (Prometheus 3 normalises it to "1").
     assert bounds == {str(b) for b in QUANTILE_BUCKETS[:-1]}
@@ -84,7 +101,13 @@ def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     local.write_text(yaml.safe_dump(config))
     result = promtool("check", "config", str(local))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(recorded_names())} rules found" in result.stdout
+    found = re.findall(r"SUCCESS: (\d+) rules found", result.stdout)
+    assert len(found) == len(RULES) and sum(map(int, found)) == len(all_rules()), result.stdout
+    # Alerts go to the compose file's Alertmanager service, on its port.
+    (target,) = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    host, port = target.split(":")
+    assert host in compose["services"] and f"{port}:{port}" in compose["services"][host]["ports"]
 
 
 # The rule maths, against the Python definitions of GET /v1/models/{name}/bias (service.telemetry.bias_report):
@@ -247,6 +270,9 @@ def test_series_names_parser() -> None:
         "(a:b:c > 0) - on (model) group_left () 1 / count(group by (x) (y_total)) + 1e6"
     )
     assert series_names(expr) == {"blda_x_bucket", "a:b:c", "y_total"}
+    assert grafana_to_promql('rate(x{m=~"$model", v=~"${version}"}[$__rate_interval])') == (
+        'rate(x{m=~".*", v=~".*"}[5m])'
+    )
 
 
 def panels_of(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
@@ -258,15 +284,15 @@ def panels_of(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def grafana_to_promql(expr: str) -> str:
-    return (
-        re.sub(r"\$(\w+)|\$\{(\w+)\}", ".*", expr)
-        .replace("$__rate_interval", "5m")
-        .replace("$__interval", "1m")
-    )
+    # Grafana's interval variables first: the generic rule below would turn them into regexes.
+    expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
+    return re.sub(r"\$(\w+)|\$\{(\w+)\}", ".*", expr)
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_dashboard_structure(path: Path) -> None:
+    # Importable into any Grafana: no panel, query or variable is bound to the provisioned uid.
+    assert DATASOURCE_UID not in path.read_text()
     dashboard = json.loads(path.read_text())
     assert dashboard["schemaVersion"] == GRAFANA_SCHEMA_VERSION
     assert re.fullmatch(r"[a-z0-9-]{1,40}", dashboard["uid"]) and dashboard["title"]
@@ -274,8 +300,15 @@ def test_dashboard_structure(path: Path) -> None:
     assert len(panels) >= 6
     assert len({p["id"] for p in panels}) == len(panels), "panel ids must be unique"
     for panel in panels:
-        assert panel["title"] and panel["type"] in {"timeseries", "stat", "bargauge", "table", "gauge"}
-        assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}, panel["title"]
+        assert panel["title"] and panel["type"] in {
+            "timeseries",
+            "stat",
+            "bargauge",
+            "table",
+            "gauge",
+            "state-timeline",
+        }
+        assert panel["datasource"] == DATASOURCE, panel["title"]
         assert {"x", "y", "w", "h"} <= panel["gridPos"].keys() and panel["gridPos"]["x"] + panel["gridPos"][
             "w"
         ] <= 24
@@ -283,18 +316,33 @@ def test_dashboard_structure(path: Path) -> None:
         ref_ids = [t["refId"] for t in panel["targets"]]
         assert len(set(ref_ids)) == len(ref_ids)
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == DATASOURCE_UID and target["expr"].strip()
-    for variable in dashboard["templating"]["list"]:
-        assert variable["datasource"]["uid"] == DATASOURCE_UID
+            assert target["datasource"] == DATASOURCE and target["expr"].strip()
+    source, *variables = dashboard["templating"]["list"]
+    assert (source["name"], source["type"], source["query"]) == ("datasource", "datasource", "prometheus")
+    for variable in variables:
+        assert variable["type"] == "query" and variable["datasource"] == DATASOURCE, variable["name"]
+    (annotation,) = annotations_of(dashboard)
+    assert annotation["datasource"] == DATASOURCE and annotation["enable"]
+    # Model-version changes: a (model, version) of blda_model_info that was not there a step before.
+    assert series_names(grafana_to_promql(annotation["expr"])) == {"blda_model_info"}
+    assert "unless" in annotation["expr"] and "offset" in annotation["expr"]
+    assert "{{version}}" in annotation["textFormat"]
+
+
+def annotations_of(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """The query annotations (the built-in Grafana one, if present, has no expr)."""
+    return [a for a in dashboard["annotations"]["list"] if "expr" in a]
 
 
 def test_every_panel_query_parses_and_names_a_real_series(tmp_path: Path) -> None:
-    known = exported_names() | recorded_names()
+    known = exported_names() | recorded_names() | PROMETHEUS_SERIES
     rules = []
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
         exprs = [(p["title"], t["expr"]) for p in panels_of(dashboard) for t in p["targets"]]
-        exprs += [(f"variable {v['name']}", v["query"]["query"]) for v in dashboard["templating"]["list"]]
+        exprs += [(f"variable {v['name']}", v["query"]["query"]) for v in dashboard["templating"]["list"]
+                  if v["type"] == "query"]  # fmt: skip
+        exprs += [(f"annotation {a['name']}", a["expr"]) for a in annotations_of(dashboard)]
         for title, expr in exprs:
             label_values = re.fullmatch(r"label_values\((.+),\s*\w+\)", expr.strip())
             promql = grafana_to_promql(label_values.group(1) if label_values else expr)
@@ -323,8 +371,50 @@ def test_dashboards_show_what_the_issue_asks_for() -> None:
         "blda_stage_duration_seconds:p95",
         "route_status:blda_http_requests:rate1m",
         "blda_http_requests_in_flight",
+        'ALERTS{alertstate="firing"',
+        "blda_process_cpu_seconds",
+        "blda_process_resident_memory_bytes",
+        "blda_process_open_fds",
+        "blda_model_version_status",
+        "route:blda_http_request_duration_seconds:p99_rate5m",
     ):
         assert needed in exprs, needed
+
+
+def alert_thresholds() -> dict[str, float]:
+    (group,) = [g for g in yaml.safe_load((DEPLOY / "prometheus/rules/alerts.yml").read_text())["groups"]
+                if g["name"] == "blda_alert_thresholds"]  # fmt: skip
+    return {
+        r["record"]: float(re.fullmatch(r"vector\((.+)\)", r["expr"].strip()).group(1))
+        for r in group["rules"]
+    }
+
+
+def test_the_bias_timeline_colours_the_alert_band() -> None:
+    band = alert_thresholds()["blda:alert_threshold:positive_quantile_band"]
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/blda-bias.json").read_text())
+    (timeline,) = [p for p in panels_of(dashboard) if p["type"] == "state-timeline"]
+    (target,) = timeline["targets"]
+    assert target["expr"].startswith(
+        "model_version_class_decision:blda_positive_quantile:mean_minus_half_rate5m"
+    )
+    assert 'decision="raw"' in target["expr"] and target["legendFormat"] == "{{class}}"  # one row per class
+    defaults = timeline["fieldConfig"]["defaults"]
+    assert defaults["color"]["mode"] == "thresholds"
+    steps = [step["value"] for step in defaults["thresholds"]["steps"]]
+    assert steps == [None, -band, band]
+
+
+def test_threshold_lines_are_the_alert_thresholds() -> None:
+    """Panels draw the threshold series themselves: a change in alerts.yml moves the line too."""
+    drawn = {t["expr"].lstrip("-") for p in DASHBOARDS for panel in panels_of(json.loads(p.read_text()))
+             for t in panel["targets"] if "alert_threshold" in t["expr"]}  # fmt: skip
+    assert drawn == {
+        "blda:alert_threshold:positive_quantile_band",
+        "blda:alert_threshold:predicted_share_drift",
+        "blda:alert_threshold:calibration_flip_rate",
+        "blda:alert_threshold:segment_p99_seconds",
+    }
 
 
 def test_grafana_provisioning_points_at_the_compose_services() -> None:
@@ -347,10 +437,10 @@ def test_grafana_provisioning_points_at_the_compose_services() -> None:
 def test_compose_file() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"blda", "prometheus", "grafana"}
+    assert set(services) == {"blda", "prometheus", "alertmanager", "grafana"}
     assert services["blda"]["deploy"]["replicas"] == 2
     assert services["blda"]["build"]["dockerfile"] == "Dockerfile"
-    for name in ("prometheus", "grafana"):
+    for name in ("prometheus", "alertmanager", "grafana"):
         image, _, tag = services[name]["image"].rpartition(":")
         assert image and re.fullmatch(r"v?\d+\.\d+\.\d+", tag), (
             f"{name}: expected a pinned version, got {tag!r}"
@@ -364,6 +454,11 @@ def test_compose_file() -> None:
                 assert source in compose["volumes"], f"{name}: undeclared volume {source}"
     prometheus_mounts = {v.split(":")[1] for v in services["prometheus"]["volumes"]}
     assert {"/etc/prometheus/prometheus.yml", "/etc/prometheus/rules"} <= prometheus_mounts
+    alertmanager = services["alertmanager"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in alertmanager["volumes"]}
+    config = next(a.split("=", 1)[1] for a in alertmanager["command"] if a.startswith("--config.file="))
+    assert (REPO / mounts[config]).resolve() == (DEPLOY / "alertmanager" / "alertmanager.yml").resolve()
+    assert "--log.level=debug" in alertmanager["command"]  # the default receiver's record is the log
     command = services["blda"]["command"]
     assert (
         command[command.index("--port") + 1] == "8000" and command[command.index("--host") + 1] == "0.0.0.0"

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from calibration.bias import bias_from_confusion, iou_from_confusion
 from calibration.tables import CalibrationTables
+from service.telemetry import table_shares
 
 pytestmark = pytest.mark.e2e
 
@@ -220,12 +222,26 @@ def images_per_worker(directory: Path) -> dict[str, float]:
     return counts
 
 
-def test_prometheus_rules_match_the_served_traffic(
-    tmp_path: Path, exact_models: tuple[Path, CalibrationTables]
-) -> None:
+@dataclass
+class Stack:
+    base: str  # the service
+    prometheus: str
+    multiproc: Path
+
+
+def alertmanager_tool() -> str:
+    # Upstream names the binary alertmanager, Debian's package prometheus-alertmanager.
+    return shutil.which("alertmanager") or require_tool("prometheus-alertmanager", "prometheus-alertmanager")
+
+
+@contextmanager
+def monitoring_stack(
+    tmp_path: Path, models_dir: Path, rules: Path, alertmanager: Path | None = None
+) -> Iterator[Stack]:
+    """`blda serve --workers 2`, Prometheus evaluating the rule files in ``rules`` every second and, with
+    ``alertmanager`` (a config file), an Alertmanager it sends its alerts to; all on 127.0.0.1."""
     prometheus_bin = require_tool("prometheus")
-    models_dir, tables = exact_models
-    port, prom_port = free_port(), free_port()
+    port, prom_port, am_port = free_port(), free_port(), free_port()
     base, prometheus = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{prom_port}"
     multiproc = tmp_path / "multiproc"
     multiproc.mkdir()
@@ -238,19 +254,29 @@ def test_prometheus_rules_match_the_served_traffic(
     }
     serve = [sys.executable, "-m", "blda", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
              "--models-dir", str(models_dir), "--log-level", "warning", "--no-access-log"]  # fmt: skip
-    config = {
+    config: dict[str, Any] = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES_DIR / "*.yml")],
+        "rule_files": [str(rules / "*.yml")],
         "scrape_configs": [{"job_name": "blda", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
     }
+    if alertmanager is not None:
+        targets = [{"targets": [f"127.0.0.1:{am_port}"]}]
+        config["alerting"] = {"alertmanagers": [{"static_configs": targets}]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     prom = [prometheus_bin, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"]  # fmt: skip
 
-    with (
-        running(serve, tmp_path / "serve.log", env) as server,
-        running(prom, tmp_path / "prometheus.log") as prom_p,
-    ):
+    with ExitStack() as stack:
+        if alertmanager is not None:
+            # No cluster listener (it would bind every interface); debug level: the notifications' record.
+            am = [alertmanager_tool(), f"--config.file={alertmanager}", f"--storage.path={tmp_path / 'am'}",
+                  f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=", "--log.level=debug"]  # fmt: skip
+            am_p = stack.enter_context(running(am, tmp_path / "alertmanager.log"))
+            wait_for(
+                f"http://127.0.0.1:{am_port}/-/ready", am_p, tmp_path / "alertmanager.log", "alertmanager"
+            )
+        server = stack.enter_context(running(serve, tmp_path / "serve.log", env))
+        prom_p = stack.enter_context(running(prom, tmp_path / "prometheus.log"))
         wait_for(f"{base}/readyz", server, tmp_path / "serve.log", "blda serve")
         wait_for(f"{prometheus}/-/ready", prom_p, tmp_path / "prometheus.log", "prometheus")
         # Both workers have started and written their series (at 0) to the multiprocess directory.
@@ -262,7 +288,15 @@ def test_prometheus_rules_match_the_served_traffic(
         while not query(prometheus, f'blda_predicted_pixels_total{{model="{MODEL}"}}'):
             assert time.monotonic() < deadline, "prometheus never scraped the service"
             time.sleep(0.2)
+        yield Stack(base, prometheus, multiproc)
 
+
+def test_prometheus_rules_match_the_served_traffic(
+    tmp_path: Path, exact_models: tuple[Path, CalibrationTables]
+) -> None:
+    models_dir, tables = exact_models
+    with monitoring_stack(tmp_path, models_dir, RULES_DIR) as stack:
+        base, prometheus, multiproc = stack.base, stack.prometheus, stack.multiproc
         expected = serve_traffic(base, tables)
         assert expected.flipped.sum() > 0 and expected.confusion[1].sum() > 0
         wanted = expected_rules(expected)
@@ -280,6 +314,12 @@ def test_prometheus_rules_match_the_served_traffic(
         print(
             "images per worker:", images_per_worker(multiproc)
         )  # which worker got a connection is up to the kernel
+        # Each worker's process figures: one series per pid, as many as workers.
+        pids = httpx.get(f"{prometheus}/api/v1/query", params={"query": "blda_process_resident_memory_bytes"})
+        series = pids.json()["data"]["result"]
+        assert len({r["metric"]["pid"] for r in series}) == 2 and all(
+            float(r["value"][1]) > 0 for r in series
+        )
         scrape = httpx.get(f"{base}/metrics", timeout=10).text
         check = subprocess.run(
             [require_tool("promtool"), "check", "metrics"],
@@ -289,3 +329,106 @@ def test_prometheus_rules_match_the_served_traffic(
             timeout=60,
         )
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+# Drifted traffic: flat images of one colour, which the exact bundle decides as one class everywhere.
+FLAT_COLOURS = [
+    (0, 0, 0),
+    (255, 255, 255),
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 0),
+    (128, 128, 128),
+]
+DRIFT_ALERT = "BLDAPredictedShareDrift"
+
+
+def drift_alert_rules(directory: Path) -> float:
+    """The shipped rules, with the drift alert's `for:` cut to 2 s (the shipped one is minutes); returns
+    the shipped drift threshold."""
+    directory.mkdir()
+    shutil.copy(RULES_DIR / "blda.yml", directory / "blda.yml")
+    alerts = yaml.safe_load((RULES_DIR / "alerts.yml").read_text())
+    threshold = None
+    for group in alerts["groups"]:
+        for rule in group["rules"]:
+            if rule.get("alert") == DRIFT_ALERT:
+                rule["for"] = "2s"
+            if rule.get("record") == "blda:alert_threshold:predicted_share_drift":
+                threshold = float(rule["expr"].strip().removeprefix("vector(").removesuffix(")"))
+    assert threshold is not None
+    (directory / "alerts.yml").write_text(yaml.safe_dump(alerts, sort_keys=False))
+    return threshold
+
+
+def alerts_firing(prometheus: str, name: str) -> dict[str, dict[str, Any]]:
+    """Class -> the firing alert, from Prometheus's own alert state."""
+    response = httpx.get(f"{prometheus}/api/v1/alerts", timeout=5)
+    response.raise_for_status()
+    return {
+        a["labels"]["class"]: a
+        for a in response.json()["data"]["alerts"]
+        if a["labels"]["alertname"] == name and a["state"] == "firing"
+    }
+
+
+def test_drifted_traffic_fires_the_drift_alert_through_alertmanager(
+    tmp_path: Path, exact_models: tuple[Path, CalibrationTables]
+) -> None:
+    models_dir, tables = exact_models
+    threshold = drift_alert_rules(tmp_path / "rules")
+    # The shipped Alertmanager config, with a 1 s group_wait so that the first notification is logged now.
+    am_config = yaml.safe_load((REPO / "deploy" / "alertmanager" / "alertmanager.yml").read_text())
+    am_config["route"]["group_wait"] = "1s"
+    (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(am_config))
+    weight, bias = model_weights()
+    _, target_share = table_shares(tables)
+    # The colour whose class the tables saw least: the strongest shift of the class mix.
+    decided = {rgb: int(reference_logits(np.full((8, 8, 3), rgb, np.uint8), weight, bias)[:, 0, 0].argmax())
+               for rgb in FLAT_COLOURS}  # fmt: skip
+    colour = min(decided, key=lambda rgb: target_share[decided[rgb]])
+    dominant = CLASS_NAMES[decided[colour]]
+    # Every pixel is the dominant class now: its drift is 1 - its table share, the others' -their share.
+    drift = {name: (1.0 if name == dominant else 0.0) - target_share[c] for c, name in enumerate(CLASS_NAMES)}
+    expected = {name for name, d in drift.items() if abs(d) > threshold}
+    assert dominant in expected and len(expected) < C, "expected a mix where some classes stay in bounds"
+
+    with monitoring_stack(tmp_path, models_dir, tmp_path / "rules", tmp_path / "alertmanager.yml") as stack:
+        # Without traffic there is no share, hence no drift to alert on.
+        time.sleep(2)
+        assert alerts_firing(stack.prometheus, DRIFT_ALERT) == {}
+        image = png(np.full((64, 96, 3), colour, np.uint8))
+        with httpx.Client(base_url=stack.base, timeout=30) as client:
+            for _ in range(4):
+                response = client.post(
+                    f"/v1/models/{MODEL}/segment",
+                    params={"calibrate": "false"},  # the served mask is the raw decision the alert watches
+                    content=image,
+                    headers={"content-type": "image/png"},
+                )
+                assert response.status_code == 200, response.text
+                assert (decode_png(response.content) == decided[colour]).all()
+
+        deadline = time.monotonic() + DEADLINE_S
+        firing = alerts_firing(stack.prometheus, DRIFT_ALERT)
+        while set(firing) != expected and time.monotonic() < deadline:
+            time.sleep(0.5)
+            firing = alerts_firing(stack.prometheus, DRIFT_ALERT)
+        assert set(firing) == expected, f"firing for {sorted(firing)}, expected {sorted(expected)}"
+        alert = firing[dominant]
+        assert alert["labels"]["model"] == MODEL and alert["labels"]["version"] == VERSION
+        assert alert["labels"]["severity"] == "warning"
+        assert np.isclose(float(alert["value"]), drift[dominant], atol=1e-9)
+        assert alert["annotations"]["summary"].startswith(f"{MODEL}/{VERSION}: class {dominant} ")
+
+        # Prometheus delivered it, and Alertmanager's default route logged the notification.
+        am_log = tmp_path / "alertmanager.log"
+        while time.monotonic() < deadline and not any(
+            "msg=flushing" in line and DRIFT_ALERT in line for line in am_log.read_text().splitlines()
+        ):
+            time.sleep(0.5)
+        flushed = [line for line in am_log.read_text().splitlines() if "msg=flushing" in line]
+        assert any(DRIFT_ALERT in line and f'model=\\"{MODEL}\\"' in line for line in flushed), (
+            am_log.read_text()[-3000:]
+        )
