@@ -1,8 +1,11 @@
-"""BLDA iteration cost against the self-training baseline at the same batch (target: at most 1.2x).
+"""BLDA iteration cost against the self-training baseline at the same batch (target: at most 1.3x, on the
+mean, which includes the table rebuilds every `blda.table_every` iterations).
 
-Both arms run full iterations (source step, teacher pseudo-labels, ClassMix step; BLDA adds the GMM updates
-of both domains, the amortised table rebuilds, the corrected losses and the corrected pseudo-labels) on the
-same in-memory 128x256 batches, interleaved so that load from other processes hits both alike; one thread.
+Every arm runs full iterations (source step, teacher pseudo-labels, ClassMix step; BLDA adds the GMM updates
+of both domains, the amortised table rebuilds and the corrected losses) on the same in-memory 128x256
+batches, interleaved so that load from other processes hits every arm alike; one thread. Rows: the default
+(Δ and GMM samples at label resolution), Δ at the logits' resolution, the CDF head on both domains, and the
+corrected pseudo-labels.
 
     python -m bench training [--quick] [--network mobilenet_lraspp] [--iterations 40]
 """
@@ -67,6 +70,8 @@ def main() -> None:
         f"optim.iterations={warmup + iterations + 1}",
     ]
     arms = {arm: load_config(arm, overrides=common) for arm in ("self-training", "blda")}
+    arms["blda@logits"] = load_config("blda", overrides=[*common, "blda.delta_resolution=logits"])
+    arms["blda+cdf"] = load_config("blda", overrides=[*common, "blda.cdf_weight=0.2"])
     # The ablation that also corrects the teacher's pseudo-labels (top-2 hypotheses per pixel).
     arms["blda+pseudo"] = load_config("blda", overrides=[*common, "blda.correct_pseudo_labels=true"])
     states = {arm: build_state(cfg) for arm, cfg in arms.items()}
@@ -78,16 +83,19 @@ def main() -> None:
             train_step(states[arm], ctxs[arm])
             if i >= warmup:
                 times[arm].append(time.perf_counter() - t0)
-    base = statistics.median(times["self-training"])
+    base_med = statistics.median(times["self-training"])
+    base_mean = statistics.fmean(times["self-training"])
     print(
         f"network={args.network}, batch 2 source + 2 target, 128x256 crops, 1 thread, {iterations} iterations"
     )
-    print(f"{'arm':>14} {'median ms':>10} {'mean ms':>9} {'ratio':>6}")
+    print(f"{'arm':>14} {'median ms':>10} {'mean ms':>9} {'ratio (median)':>15} {'ratio (mean)':>13}")
     for arm, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{arm:>14} {med * 1e3:>10.1f} {statistics.fmean(ts) * 1e3:>9.1f} {med / base:>6.2f}")
-    ratio = statistics.median(times["blda"]) / base
-    print(f"BLDA / baseline = {ratio:.2f} (target <= 1.20): {'met' if ratio <= 1.2 else 'MISSED'}")
+        med, mean = statistics.median(ts), statistics.fmean(ts)
+        print(
+            f"{arm:>14} {med * 1e3:>10.1f} {mean * 1e3:>9.1f} {med / base_med:>15.2f} {mean / base_mean:>13.2f}"
+        )
+    ratio = statistics.fmean(times["blda"]) / base_mean
+    print(f"BLDA / baseline (mean) = {ratio:.2f} (target <= 1.30): {'met' if ratio <= 1.3 else 'MISSED'}")
 
 
 if __name__ == "__main__":

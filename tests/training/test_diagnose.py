@@ -207,3 +207,63 @@ def test_export_with_offline_tables_then_evaluate_the_bundle(
     assert result.exit_code == 0, result.output
     from_torch = json.loads((out_t / "metrics.json").read_text())
     assert from_bundle["target"]["confusion_raw"] == from_torch["target"]["confusion_raw"]
+
+
+@pytest.mark.parity
+def test_export_writes_the_refitted_tables_and_evaluate_applies_them(
+    tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The bundle's tables are the refit of the model's eval-mode logits (not the training-time GMMs), and
+    `blda evaluate` with a τ scores exactly the calibrated rule on those tables, which differs from raw."""
+    from blda.cli import app
+    from calibration.alignment import calibrated_decision
+    from calibration.bias import confusion_matrix
+    from calibration.bundle import load_bundle
+    from calibration.refit import RefitConfig
+    from training.datasets import load_split
+    from training.evaluation.predictors import OnnxPredictor, ResizingPredictor, upsample_logits
+    from training.export import predictor_for
+    from training.models import load_model
+    from training.tables import fit_serving_tables
+
+    runner = CliRunner()
+    models = tmp_path / "models"
+    args = [
+        "export",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--network",
+        "mobilenet_lraspp_tiny",
+        "--threads",
+        "1",
+    ]
+    args += ["--out", str(models), "--name", "t", "--version", "1", "--data", str(tiny_data), "--seed", "4"]
+    assert runner.invoke(app, args).exit_code == 0
+    bundle = load_bundle(models / "t" / "1")
+    assert bundle.tables is not None
+    loaded = load_model(tiny_checkpoint, "mobilenet_lraspp_tiny")
+    expected, _ = fit_serving_tables(
+        predictor_for(loaded),
+        load_split(tiny_data, "source", "train", 200),
+        load_split(tiny_data, "target", "train", 200),
+        RefitConfig(seed=4),
+    )
+    for name, value in expected.to_arrays().items():
+        np.testing.assert_allclose(bundle.tables.to_arrays()[name], value, rtol=1e-6, atol=1e-6, err_msg=name)
+
+    tau = 3.0
+    out = tmp_path / "eval"
+    cmd = ["evaluate", "--data", str(tiny_data), "--bundle", str(bundle.directory), "--out", str(out)]
+    assert runner.invoke(app, [*cmd, "--tau", str(tau), "--threads", "1"]).exit_code == 0
+    metrics = json.loads((out / "metrics.json").read_text())["target"]
+    spec = bundle.manifest.input
+    assert spec.size is not None
+    predictor = ResizingPredictor(
+        OnnxPredictor(bundle.model_path, spec.mean, spec.std, spec.pixel_scale, 1), size=spec.size
+    )
+    conf = np.zeros((19, 19), np.int64)
+    for sample in load_split(tiny_data, "target", "val"):
+        up = upsample_logits(predictor(sample.image[None]), sample.label.shape)[0]
+        conf += confusion_matrix(calibrated_decision(up, bundle.tables.shifts, tau), sample.label, 19)
+    np.testing.assert_array_equal(np.array(metrics["confusion_calibrated"][f"{tau:g}"]), conf)
+    assert not np.array_equal(conf, np.array(metrics["confusion_raw"]))

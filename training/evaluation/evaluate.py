@@ -101,6 +101,7 @@ def metrics_from_confusions(confusions: Confusions, class_names: Sequence[str]) 
         "raw": class_metrics(confusions.raw),
         "calibrated": {f"{tau:g}": class_metrics(conf) for tau, conf in confusions.calibrated.items()},
         "confusion_raw": confusions.raw.tolist(),
+        "confusion_calibrated": {f"{tau:g}": conf.tolist() for tau, conf in confusions.calibrated.items()},
     }
 
 
