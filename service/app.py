@@ -15,6 +15,7 @@ from functools import partial
 
 from fastapi import FastAPI
 
+from service.http import HeadLimitMiddleware
 from service.inference import InferenceRunner, load_served_model
 from service.problems import install_problem_handlers
 from service.records import SegmentationObserver
@@ -66,6 +67,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetricsMiddleware)
+    # Outermost: an oversized head costs nothing further.
+    app.add_middleware(HeadLimitMiddleware, max_bytes=settings.max_header_bytes)
     for module in (segment, models, admin, health, web, feedback, bias, metrics):
         app.include_router(module.router)
     return app

@@ -90,6 +90,8 @@ def serve(
 
     import uvicorn
 
+    from service.http import uvicorn_options
+
     multiproc_dir = prepare_multiprocess_dir(workers, os.environ)
     try:
         uvicorn.run(
@@ -100,6 +102,7 @@ def serve(
             workers=workers,
             log_level=log_level,
             access_log=access_log,
+            **uvicorn_options(settings),
         )
     finally:
         if multiproc_dir is not None:

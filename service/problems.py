@@ -43,6 +43,14 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
         "The body must be multipart/form-data with a 'file' part, or a raw image/png, image/jpeg or "
         "image/webp.",
     ),
+    "request-timeout": ProblemType(
+        408,
+        "Request timeout",
+        "The request body did not arrive in time (a total deadline and a minimum rate); the connection closes.",
+    ),
+    "header-too-large": ProblemType(
+        431, "Request header fields too large", "The request line and headers exceed the byte limit."
+    ),
     "invalid-image": ProblemType(422, "Invalid image", "The image cannot be decoded as PNG, JPEG or WebP."),
     "image-too-large": ProblemType(
         422, "Image too large", "The image has more pixels than the service accepts."
@@ -136,6 +144,9 @@ async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'} if exc.status == 401 else None
     if exc.slug == "overloaded":
         headers = {"Retry-After": "1"}
+    if exc.slug == "request-timeout":
+        # The rest of the body may still be on its way: this connection cannot carry another request.
+        headers = {"Connection": "close"}
     return problem_response(exc.slug, exc.detail, _request_id(request), headers=headers, **exc.extensions)
 
 

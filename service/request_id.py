@@ -13,7 +13,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HEADER = "X-Request-Id"
-_ACCEPTABLE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+_ACCEPTABLE = re.compile(REQUEST_ID_PATTERN)
 
 
 def new_request_id(client_value: str | None) -> str:

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
+from service.admission import upload_slot, work_slot
 from service.dependencies import ObserversDep, RegistryDep, RunnerDep, SettingsDep, problem_from
 from service.imaging import (
     ImageDecodeError,
@@ -38,7 +39,7 @@ from service.inference import Decision, InferenceRunner, ServedModel, calibrated
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.records import SegmentationObserver, SegmentationRecord, StageTimings
 from service.registry import RegistryError
-from service.uploads import ACCEPTED_MEDIA_TYPES, FILE_FIELD, MULTIPART, read_image_upload
+from service.uploads import ACCEPTED_MEDIA_TYPES, FILE_FIELD, MULTIPART, BodyLimits, read_image_upload
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         },
     },
     404: {"description": "Unknown model", **_PROBLEM},
+    408: {"description": "The body did not arrive in time (deadline, minimum rate)", **_PROBLEM},
     413: {"description": "Body over the byte limit", **_PROBLEM},
     415: {"description": "Unsupported media type", **_PROBLEM},
     422: {"description": "Undecodable or oversized image, or a bad query value", **_PROBLEM},
@@ -260,23 +262,19 @@ async def _segment(
         png_level=settings.png_compress_level,
     )
 
-    if runner.pending >= settings.max_pending_requests:
-        raise Problem(
-            "overloaded", f"expected at most {settings.max_pending_requests} requests in progress, got more"
-        )
-    runner.pending += 1
-    try:
-        data = await read_image_upload(request, settings.max_body_bytes)
-        if runner.batching:
-            done = await _staged(job, data, runner)
-        else:
-            done = await runner.in_thread(_whole, job, data, runner, time.perf_counter())
-    except ImageTooLargeError as exc:
-        raise Problem("image-too-large", str(exc)) from exc
-    except ImageDecodeError as exc:
-        raise Problem("invalid-image", str(exc)) from exc
-    finally:
-        runner.pending -= 1
+    with upload_slot(runner, settings):
+        data = await read_image_upload(request, BodyLimits.of(settings))
+    # The work slot only now that the body is in: slow senders cannot hold it (service.admission).
+    with work_slot(runner, settings):
+        try:
+            if runner.batching:
+                done = await _staged(job, data, runner)
+            else:
+                done = await runner.in_thread(_whole, job, data, runner, time.perf_counter())
+        except ImageTooLargeError as exc:
+            raise Problem("image-too-large", str(exc)) from exc
+        except ImageDecodeError as exc:
+            raise Problem("invalid-image", str(exc)) from exc
     done.logits.setflags(write=False)
     timings = done.timings
     media = "image/png" if output == "png" else "application/json"

@@ -27,29 +27,29 @@ def chunks(*parts: bytes) -> list[dict[str, object]]:
 
 
 def test_body_within_the_limit_is_joined() -> None:
-    assert asyncio.run(read_body(request(chunks(b"ab", b"cd", b"e")), limit=5)) == b"abcde"
+    assert asyncio.run(read_body(request(chunks(b"ab", b"cd", b"e")), 5)) == b"abcde"
 
 
 def test_limit_applies_while_streaming_without_content_length() -> None:
     with pytest.raises(Problem) as caught:
-        asyncio.run(read_body(request(chunks(b"abc", b"def", b"never read")), limit=5))
+        asyncio.run(read_body(request(chunks(b"abc", b"def", b"never read")), 5))
     assert caught.value.status == 413 and caught.value.slug == "payload-too-large"
 
 
 def test_declared_length_over_the_limit_is_refused_before_reading() -> None:
     with pytest.raises(Problem) as caught:
-        asyncio.run(read_body(request([], {"Content-Length": "6"}), limit=5))
+        asyncio.run(read_body(request([], {"Content-Length": "6"}), 5))
     assert caught.value.status == 413 and "got 6" in caught.value.detail
 
 
 def test_a_hang_up_mid_body_is_a_client_problem() -> None:
     messages: list[dict[str, object]] = [*chunks(b"abc", b"def")[:1], {"type": "http.disconnect"}]
     with pytest.raises(Problem) as caught:
-        asyncio.run(read_body(request(messages), limit=100))
+        asyncio.run(read_body(request(messages), 100))
     assert caught.value.slug == "invalid-request" and "hang-up" in caught.value.detail
 
 
 @pytest.mark.parametrize("content_type", ["image/PNG", "image/png; charset=binary", "IMAGE/JPEG"])
 def test_media_types_are_case_and_parameter_insensitive(content_type: str) -> None:
-    body = asyncio.run(read_image_upload(request(chunks(b"xyz"), {"Content-Type": content_type}), limit=100))
+    body = asyncio.run(read_image_upload(request(chunks(b"xyz"), {"Content-Type": content_type}), 100))
     assert body == b"xyz"
