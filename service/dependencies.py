@@ -14,6 +14,7 @@ from service.inference import InferenceRunner
 from service.problems import Problem
 from service.records import SegmentationObserver
 from service.registry import (
+    BadName,
     ModelNotFound,
     ModelRegistry,
     NotReady,
@@ -58,6 +59,7 @@ _PROBLEM_OF: dict[type[RegistryError], str] = {
     VersionNotFound: "version-not-found",
     VersionNotLoadable: "version-not-loadable",
     NotReady: "not-ready",
+    BadName: "invalid-request",
 }
 
 

@@ -22,6 +22,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.names import check_name
+
 SETTINGS_FILE_ENV = "BLDA_SETTINGS_FILE"
 
 
@@ -114,6 +116,10 @@ class ServiceSettings(BaseSettings):
         for name, version in self.pinned_versions.items():
             if not name or not version:
                 raise ValueError(f"expected pinned_versions as {{name: version}}, got {name!r}: {version!r}")
+            check_name("pinned_versions model name", name)
+            check_name("pinned_versions version", version)
+        if self.default_model is not None:
+            check_name("default_model", self.default_model)
         return self
 
     def onnx_threads(self) -> int:

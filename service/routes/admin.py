@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Security
 from fastapi.security import APIKeyHeader
 
 from service.dependencies import RegistryDep, RunnerDep, SettingsDep, problem_from
+from service.names import ModelNameParam, VersionParam
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.registry import RegistryError
 from service.routes.models import ModelSummary, summarise
@@ -49,7 +50,7 @@ router = APIRouter(
     description="A version that fails to load is reported in the answer; the copy loaded before keeps "
     "serving.",
 )
-async def reload_model(name: str, registry: RegistryDep, runner: RunnerDep) -> ModelSummary:
+async def reload_model(name: ModelNameParam, registry: RegistryDep, runner: RunnerDep) -> ModelSummary:
     try:
         # Loading reads files and builds sessions: off the event loop.
         state = await asyncio.get_running_loop().run_in_executor(runner.cpu_pool, registry.reload, name)
@@ -63,7 +64,9 @@ async def reload_model(name: str, registry: RegistryDep, runner: RunnerDep) -> M
     summary="Serve this version of the model (a pin kept across reloads)",
     responses={409: {"description": "The version failed to load", **_PROBLEM}},
 )
-async def activate_version(name: str, version: str, registry: RegistryDep, runner: RunnerDep) -> ModelSummary:
+async def activate_version(
+    name: ModelNameParam, version: VersionParam, registry: RegistryDep, runner: RunnerDep
+) -> ModelSummary:
     try:
         # The registry's lock may be held by a reload: wait for it off the event loop.
         state = await asyncio.get_running_loop().run_in_executor(

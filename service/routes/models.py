@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from service.dependencies import RegistryDep, problem_from
+from service.names import ModelNameParam
 from service.registry import ModelState, RegistryError, VersionState
 
 router = APIRouter(tags=["models"])
@@ -113,7 +114,7 @@ async def list_models(registry: RegistryDep) -> list[ModelSummary]:
 
 
 @router.get("/v1/models/{name}", summary="One model: versions, classes, calibration and provenance")
-async def get_model(name: str, registry: RegistryDep) -> ModelDetail:
+async def get_model(name: ModelNameParam, registry: RegistryDep) -> ModelDetail:
     try:
         state = registry.get(name)
     except RegistryError as exc:

@@ -36,6 +36,7 @@ from service.imaging import (
     run_length_encode,
 )
 from service.inference import Decision, InferenceRunner, ServedModel, calibrated, raw_decision
+from service.names import ModelNameParam
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.records import SegmentationObserver, SegmentationRecord, StageTimings
 from service.registry import RegistryError
@@ -326,7 +327,7 @@ _DOC = (
 )
 async def segment_with_model(
     request: Request,
-    name: str,
+    name: ModelNameParam,
     registry: RegistryDep,
     runner: RunnerDep,
     settings: SettingsDep,
