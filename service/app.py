@@ -23,6 +23,7 @@ from service.registry import ModelRegistry
 from service.request_id import RequestIdMiddleware
 from service.routes import admin, bias, feedback, health, metrics, models, segment, web
 from service.settings import ServiceSettings, load_settings
+from service.state import MemoryStore, open_store
 from service.telemetry import HttpMetricsMiddleware, start_monitoring, stop_monitoring
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.error(
             "no model serves yet (models_dir=%s): /readyz answers 503 until a reload", settings.models_dir
         )
+    state = open_store(settings.state_url)
+    app.state.state_store = state
+    app.state.shared_state = None if isinstance(state, MemoryStore) else state
     app.state.runner = runner
     app.state.registry = registry
     start_monitoring(app, registry)
@@ -46,6 +50,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         stop_monitoring(app)
+        state.close()
         app.state.registry = None
         app.state.runner = None
         runner.shutdown()

@@ -48,6 +48,19 @@ def prepare_multiprocess_dir(workers: int, environ: dict[str, str] | os._Environ
     return path
 
 
+STATE_ENV = "BLDA_STATE_URL"
+
+
+def prepare_state(workers: int, environ: dict[str, str] | os._Environ[str]) -> Path | None:
+    """Several workers share one SQLite state file unless BLDA_STATE_URL names a store; returns the
+    directory created here (to remove). One worker keeps its state in memory."""
+    if environ.get(STATE_ENV) or workers <= 1:
+        return None
+    path = Path(tempfile.mkdtemp(prefix="blda-state-"))
+    environ[STATE_ENV] = f"sqlite:///{path / 'state.db'}"
+    return path
+
+
 @app.command("serve")
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
@@ -93,6 +106,7 @@ def serve(
     from service.http import uvicorn_options
 
     multiproc_dir = prepare_multiprocess_dir(workers, os.environ)
+    state_dir = prepare_state(workers, os.environ)
     try:
         uvicorn.run(
             "service.app:app_from_environment",
@@ -105,5 +119,6 @@ def serve(
             **uvicorn_options(settings),
         )
     finally:
-        if multiproc_dir is not None:
-            shutil.rmtree(multiproc_dir, ignore_errors=True)
+        for made in (multiproc_dir, state_dir):
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)

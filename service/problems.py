@@ -184,9 +184,18 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     request_id = _request_id(request)
-    log.exception("unhandled error (request id %s)", request_id)
+    log.exception(
+        "unhandled error (request id %s, client id %s)",
+        request_id,
+        getattr(request.state, "client_request_id", None),
+    )
+    # This handler runs outside the request-id middleware: set its header here.
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    correlation = getattr(request.state, "client_request_id", None)
+    if correlation:
+        headers["X-Client-Request-Id"] = correlation
     return problem_response(
-        "internal-error", "an unexpected error occurred; quote the request id", request_id
+        "internal-error", "an unexpected error occurred; quote the request id", request_id, headers=headers
     )
 
 

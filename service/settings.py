@@ -86,6 +86,11 @@ class ServiceSettings(BaseSettings):
     keep_alive_s: int = Field(default=5, ge=1, le=3600)
     graceful_shutdown_s: int = Field(default=10, ge=1, le=3600)
 
+    # Shared state of the workers and replicas (service.state): predictions awaiting feedback, the
+    # registry's generation. memory:// (one process), sqlite:///path (one host; `blda serve --workers N`
+    # creates one when unset), redis://host:port/db (several replicas).
+    state_url: str = Field(default="memory://", pattern=r"^(memory|sqlite|redis|rediss|unix)://")
+
     # Threads for decoding, calibration and encoding.
     cpu_threads: int | None = Field(default=None, ge=1)
 

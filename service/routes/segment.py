@@ -25,6 +25,7 @@ from starlette.background import BackgroundTask
 
 from service.admission import upload_slot, work_slot
 from service.dependencies import ObserversDep, RegistryDep, RunnerDep, SettingsDep, problem_from
+from service.feedback import FeedbackStore
 from service.imaging import (
     ImageDecodeError,
     ImageTooLargeError,
@@ -288,7 +289,8 @@ async def _segment(
     if use_calibration:
         headers["X-Calibration-Tau"] = f"{tau_used:g}"
     background = None
-    if observers:
+    store: FeedbackStore | None = getattr(request.app.state, "feedback_store", None)
+    if observers or store is not None:
         record = SegmentationRecord(
             request_id=request_id,
             model_name=model.name,
@@ -303,9 +305,16 @@ async def _segment(
             tau=tau_used,
             timings=timings,
         )
-        # Handed to the worker pool once the response is sent (a background task runs after the last body
-        # message), and not awaited: observers delay neither this response nor the next request.
-        background = BackgroundTask(_dispatch, runner, tuple(observers), record)
+        if store is not None:
+            # Before the response: a feedback sent the moment the client has it must find it.
+            try:
+                await runner.in_thread(store.observe, record)
+            except Exception:  # feedback is secondary: the segmentation is still answered
+                log.exception("storing the prediction for feedback failed (request id %s)", request_id)
+        if observers:
+            # Handed to the worker pool once the response is sent (a background task runs after the last
+            # body message), and not awaited: observers delay neither this response nor the next request.
+            background = BackgroundTask(_dispatch, runner, tuple(observers), record)
     return Response(content=done.body, media_type=media, headers=headers, background=background)
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 from service_helpers import ADMIN_KEY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,3 +76,47 @@ def stop(process: subprocess.Popen[bytes]) -> str:
         process.kill()
         output, _ = process.communicate(timeout=10)
     return output.decode()
+
+
+def require_binary(name: str) -> str:
+    """Path of a server binary; skips without it, except on CI (CI=true) where .ci/run installs it."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found on PATH (Debian: apt-get install {name})"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A throw-away redis-server on 127.0.0.1 (no persistence); yields its redis:// URL."""
+    binary = require_binary("redis-server")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"redis-server did not answer on port {port} within 15 s")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
