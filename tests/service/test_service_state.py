@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,7 +61,7 @@ def test_of_concurrent_takers_exactly_one_wins(store: StateStore) -> None:
         store.put(f"prize{round_}", b"x")
         barrier = threading.Barrier(8)
 
-        def take(_: int, key: str = f"prize{round_}") -> bytes | None:
+        def take(_: int, key: str = f"prize{round_}", barrier: threading.Barrier = barrier) -> bytes | None:
             barrier.wait(timeout=10)
             return store.take(key)
 
@@ -138,7 +139,9 @@ def test_feedback_right_after_the_response_with_one_worker(models_dir: Path) -> 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("store", ["sqlite (default)", "redis"])
-def test_feedback_through_another_worker(models_dir: Path, store: str, request: pytest.FixtureRequest) -> None:
+def test_feedback_through_another_worker(
+    models_dir: Path, store: str, request: pytest.FixtureRequest
+) -> None:
     env = {"BLDA_STATE_URL": request.getfixturevalue("redis_url")} if store == "redis" else {}
     port = free_port()
     process = start_server(models_dir, port, workers=2, env=env)
@@ -170,6 +173,32 @@ def test_feedback_through_another_replica(models_dir: Path, redis_url: str) -> N
     finally:
         for process in processes:
             stop(process)
+
+
+def test_the_prediction_is_stored_before_the_response_is_sent(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even when storing is slow (a remote store under load), the response waits for it."""
+    from fastapi.testclient import TestClient
+    from service_helpers import settings_for
+
+    from service.app import create_app
+    from service.feedback import FeedbackStore
+
+    put = FeedbackStore.put
+
+    def slow_put(self: FeedbackStore, prediction: object) -> None:
+        time.sleep(0.3)
+        put(self, prediction)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FeedbackStore, "put", slow_put)
+    with TestClient(create_app(settings_for(models_dir))) as client:
+        served = client.post("/v1/segment", content=png_bytes(scene(32, 40)), headers=PNG)
+        body = {
+            "request_id": served.headers["x-request-id"],
+            "mask": base64.b64encode(served.content).decode(),
+        }
+        assert client.post("/v1/feedback", json=body).status_code == 200
 
 
 def test_predictions_round_trip_through_the_shared_format() -> None:
