@@ -24,6 +24,7 @@ from service.request_id import RequestIdMiddleware
 from service.routes import admin, bias, feedback, health, metrics, models, segment, web
 from service.settings import ServiceSettings, load_settings
 from service.state import MemoryStore, open_store
+from service.sync import RegistrySync
 from service.telemetry import HttpMetricsMiddleware, start_monitoring, stop_monitoring
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = open_store(settings.state_url)
     app.state.state_store = state
     app.state.shared_state = None if isinstance(state, MemoryStore) else state
+    sync = RegistrySync(state, registry, runner.cpu_pool, settings.workers)
+    await asyncio.get_running_loop().run_in_executor(runner.cpu_pool, sync.initialize)
+    watcher = asyncio.create_task(sync.watch(settings.sync_interval_s))
+    app.state.sync = sync
     app.state.runner = runner
     app.state.registry = registry
     start_monitoring(app, registry)
     try:
         yield
     finally:
+        watcher.cancel()
         stop_monitoring(app)
+        app.state.sync = None
         state.close()
         app.state.registry = None
         app.state.runner = None
@@ -67,6 +74,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = None
     app.state.runner = None
+    app.state.sync = None
     observers: list[SegmentationObserver] = []
     app.state.segmentation_observers = observers
     install_problem_handlers(app)

@@ -91,6 +91,11 @@ class ServiceSettings(BaseSettings):
     # creates one when unset), redis://host:port/db (several replicas).
     state_url: str = Field(default="memory://", pattern=r"^(memory|sqlite|redis|rediss|unix)://")
 
+    # Workers catch up with admin changes made elsewhere before each request and every sync_interval_s
+    # (service.sync); an admin answer waits at most admin_sync_timeout_s for every worker to switch.
+    sync_interval_s: float = Field(default=0.5, gt=0.0, le=60.0)
+    admin_sync_timeout_s: float = Field(default=10.0, ge=0.0, le=300.0)
+
     # Threads for decoding, calibration and encoding.
     cpu_threads: int | None = Field(default=None, ge=1)
 

@@ -33,7 +33,7 @@ class StateError(RuntimeError):
 
 class StateStore(Protocol):
     def get(self, key: str) -> bytes | None:
-        """The value of ``key``, or None when absent or expired."""
+        """The value of ``key``, or None when absent or expired; a counter reads as its decimal digits."""
         ...
 
     def put(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
@@ -78,7 +78,7 @@ class MemoryStore:
     def get(self, key: str) -> bytes | None:
         with self._lock:
             value = self._live(key, self._clock())
-        return value if isinstance(value, bytes) else None
+        return str(value).encode() if isinstance(value, int) else value
 
     def put(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         with self._lock:
@@ -155,12 +155,14 @@ class SqliteStore:
         row = (
             self._connection()
             .execute(
-                "SELECT value FROM kv WHERE key = ? AND (expires IS NULL OR expires > ?)",
+                "SELECT value, num FROM kv WHERE key = ? AND (expires IS NULL OR expires > ?)",
                 (key, self._clock()),
             )
             .fetchone()
         )
-        return bytes(row[0]) if row is not None and row[0] is not None else None
+        if row is None:
+            return None
+        return bytes(row[0]) if row[0] is not None else str(row[1]).encode()
 
     def put(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         now = self._clock()

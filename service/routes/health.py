@@ -12,6 +12,7 @@ from service.inference import InferenceRunner
 from service.problems import PROBLEM_MEDIA_TYPE, problem_response
 from service.registry import ModelRegistry
 from service.settings import ServiceSettings
+from service.sync import RegistrySync
 
 router = APIRouter(tags=["health"])
 
@@ -36,6 +37,9 @@ async def readyz(request: Request) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
     if registry is None:
         return problem_response("not-ready", "the service is starting", request_id)
+    sync: RegistrySync | None = getattr(request.app.state, "sync", None)
+    if sync is not None:
+        await sync.current()  # the versions this worker reports are the ones every worker serves
     if not registry.ready:
         detail = (
             f"no loadable bundle in {registry.models_dir}"
@@ -60,4 +64,6 @@ async def readyz(request: Request) -> JSONResponse:
     }
     if runner is not None:
         body["load"] = load(runner, settings)
+    if sync is not None:
+        body["registry_generation"] = sync.applied
     return JSONResponse(body)

@@ -54,6 +54,7 @@ def test_the_store_contract(store: StateStore) -> None:
     assert store.get("k") == b"v2"
     assert store.take("k") == b"v2" and store.get("k") is None and store.take("k") is None
     assert [store.incr("n") for _ in range(3)] == [1, 2, 3] and store.incr("n", 10) == 13
+    assert store.get("n") == b"13"  # a counter reads as its digits, as Redis has it
 
 
 def test_of_concurrent_takers_exactly_one_wins(store: StateStore) -> None:
