@@ -13,6 +13,7 @@ Clients should branch on ``type``, never on ``detail`` (a message for people).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,21 @@ _STATUS_FALLBACK = {
 }
 
 
+# What a client must never see: absolute file paths (the server's layout) and object reprs (heap
+# addresses, e.g. PIL's "<_io.BytesIO object at 0x7f...>").
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(?!/(?:v1|problems)/)(?:/[\w.+@~-]+){2,}/?")  # not this API's own
+
+
+def redact(text: str, root: str | None = None) -> str:
+    """``text`` without absolute paths (relative to ``root`` when below it, else the last component) or
+    object reprs (their type name)."""
+    if root:
+        text = text.replace(root.rstrip("/") + "/", "")
+    text = _OBJECT_REPR.sub(lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return _ABSOLUTE_PATH.sub(lambda m: ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
 class Problem(Exception):
     """An error answered as problem details; ``slug`` picks the type (and status and title)."""
 
@@ -112,11 +128,14 @@ class Problem(Exception):
 
 def problem_body(slug: str, detail: str, request_id: str | None = None, **extensions: Any) -> dict[str, Any]:
     kind = PROBLEM_TYPES[slug]
+    public = redact(detail)
+    if public != detail:  # the full text stays in the server's log, findable by the request id
+        log.info("problem %s (request id %s): %s", slug, request_id, detail)
     body: dict[str, Any] = {
         "type": TYPE_PREFIX + slug,
         "title": kind.title,
         "status": kind.status,
-        "detail": detail,
+        "detail": public,
     }
     if request_id:
         body["request_id"] = request_id

@@ -149,9 +149,9 @@ class ModelRegistry:
         if name is None:
             name = self.default_name
             if name is None:
-                raise NotReady(f"no model found in {self.models_dir}")
+                raise NotReady("no model found in the models directory")
             if name not in self._states:
-                raise NotReady(f"the default model {name!r} is not in {self.models_dir}")
+                raise NotReady(f"the default model {name!r} is not in the models directory")
         model = self.get(name).active_model
         if model is None:
             raise NotReady(f"model {name!r} has no loadable version")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from typing import Annotated, Any
 
 import numpy as np
@@ -31,11 +32,13 @@ from starlette.datastructures import UploadFile
 from service.admission import upload_slot, work_slot
 from service.feedback import FeedbackError, FeedbackStore, MaskError, decode_mask, feedback_confusion
 from service.inference import InferenceRunner
-from service.problems import PROBLEM_MEDIA_TYPE, TYPE_PREFIX, Problem
+from service.problems import PROBLEM_MEDIA_TYPE, TYPE_PREFIX, Problem, redact
 from service.request_id import REQUEST_ID_PATTERN
 from service.settings import ServiceSettings
 from service.telemetry import Telemetry
 from service.uploads import MULTIPART, BodyLimits, media_type, multipart_form, read_body
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["monitoring"])
 
@@ -52,8 +55,11 @@ _PROBLEM_OF_REASON = {"unknown": "request-not-found", "used": "feedback-already-
 
 def _problem(slug: str, detail: str, request: Request, **extensions: Any) -> JSONResponse:
     status, title = FEEDBACK_PROBLEMS[slug]
-    body: dict[str, Any] = {"type": TYPE_PREFIX + slug, "title": title, "status": status, "detail": detail}
     request_id = getattr(request.state, "request_id", None)
+    public = redact(detail)
+    if public != detail:
+        log.info("feedback problem %s (request id %s): %s", slug, request_id, detail)
+    body: dict[str, Any] = {"type": TYPE_PREFIX + slug, "title": title, "status": status, "detail": public}
     if request_id:
         body["request_id"] = request_id
     body.update(extensions)

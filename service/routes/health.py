@@ -42,7 +42,7 @@ async def readyz(request: Request) -> JSONResponse:
         await sync.current()  # the versions this worker reports are the ones every worker serves
     if not registry.ready:
         detail = (
-            f"no loadable bundle in {registry.models_dir}"
+            "no loadable bundle in the models directory"
             if registry.default_name is None
             else f"model {registry.default_name!r} has no loadable version"
         )

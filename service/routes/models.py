@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from service.dependencies import RegistryDep, problem_from
 from service.names import ModelNameParam
+from service.problems import redact
 from service.registry import ModelState, RegistryError, VersionState
 
 router = APIRouter(tags=["models"])
@@ -66,11 +67,13 @@ def _iso(timestamp: float) -> str:
 
 
 def _version_info(state: VersionState, active: bool) -> VersionInfo:
+    # Load errors name files: shown relative to the models directory, never as absolute paths.
+    root = str(state.directory.parent.parent)
     info = VersionInfo(
         version=state.version,
         status=state.status,
         active=active,
-        error=state.error,
+        error=redact(state.error, root) if state.error else None,
         checked_at=_iso(state.checked_at),
     )
     model = state.model
