@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from service.http import HeadLimitMiddleware
 from service.inference import InferenceRunner, load_served_model
+from service.logs import AccessLogMiddleware, configure_json_logging
 from service.problems import install_problem_handlers
 from service.records import SegmentationObserver
 from service.registry import ModelRegistry
@@ -78,6 +79,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     observers: list[SegmentationObserver] = []
     app.state.segmentation_observers = observers
     install_problem_handlers(app)
+    if settings.log_format == "json":
+        configure_json_logging()
+        # Inside the request-id middleware: the line carries the id.
+        app.add_middleware(AccessLogMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetricsMiddleware)
     # Outermost: an oversized head costs nothing further.

@@ -115,7 +115,9 @@ def serve(
             port=port,
             workers=workers,
             log_level=log_level,
-            access_log=access_log,
+            # JSON logs: the app configures logging in each worker and writes its own access lines.
+            access_log=access_log and settings.log_format == "text",
+            log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
             **uvicorn_options(settings),
         )
     finally:

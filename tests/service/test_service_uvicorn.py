@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -113,3 +114,30 @@ def test_serve_rejects_bad_settings_in_one_line(tmp_path: Path, content: str | N
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+
+
+@pytest.mark.e2e
+def test_json_logs_have_one_line_per_request_with_its_id(models_dir: Path) -> None:
+    port = free_port()
+    process = start_server(models_dir, port, env={"BLDA_LOG_FORMAT": "json"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(process, base)
+        with httpx.Client(base_url=base, timeout=30.0) as http:
+            served = http.post(
+                "/v1/segment",
+                content=png_bytes(scene(24, 24)),
+                headers={"content-type": "image/png", "X-Request-Id": "mine"},
+            )
+            refused = http.post("/v1/segment", content=b"junk", headers={"content-type": "image/png"})
+    finally:
+        output = stop(process)
+    assert served.status_code == 200 and refused.status_code == 422
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
+    by_id = {line.get("request_id"): line for line in lines if line["logger"] == "blda.access"}
+    line = by_id[served.headers["x-request-id"]]
+    assert line["client_request_id"] == "mine" and line["route"] == "/v1/segment" and line["status"] == 200
+    assert line["model"] == "tiny" and line["version"] == "2" and line["duration_ms"] > 0
+    assert set(line["stages_ms"]) == {"decode", "infer", "calibrate", "encode"}
+    assert by_id[refused.headers["x-request-id"]]["status"] == 422
