@@ -96,6 +96,10 @@ class ServiceSettings(BaseSettings):
     sync_interval_s: float = Field(default=0.5, gt=0.0, le=60.0)
     admin_sync_timeout_s: float = Field(default=10.0, ge=0.0, le=300.0)
 
+    # text: uvicorn's usual logs; json: JSON lines, one per request with its id, model, version, status and
+    # stage times (service.logs).
+    log_format: Literal["text", "json"] = "text"
+
     # Threads for decoding, calibration and encoding.
     cpu_threads: int | None = Field(default=None, ge=1)
 
