@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from service.http import HeadLimitMiddleware
 from service.inference import InferenceRunner, load_served_model
 from service.logs import AccessLogMiddleware, configure_json_logging
+from service.multiproc import reap_dead_workers
 from service.problems import install_problem_handlers
 from service.records import SegmentationObserver
 from service.registry import ModelRegistry
@@ -26,7 +27,7 @@ from service.routes import admin, bias, feedback, health, metrics, models, segme
 from service.settings import ServiceSettings, load_settings
 from service.state import MemoryStore, open_store
 from service.sync import RegistrySync
-from service.telemetry import HttpMetricsMiddleware, start_monitoring, stop_monitoring
+from service.telemetry import HttpMetricsMiddleware, multiprocess_dir, start_monitoring, stop_monitoring
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServiceSettings = app.state.settings
+    directory = multiprocess_dir()
+    if directory is not None:
+        # A worker restarted after its predecessor was killed: that one's live gauges go now.
+        reap_dead_workers(directory)
     runner = InferenceRunner(settings)
     loader = partial(load_served_model, threads=settings.onnx_threads(), provider=settings.execution_provider)
     registry = ModelRegistry(settings.models_dir, loader, settings.pinned_versions, settings.default_model)
