@@ -27,6 +27,10 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+class MultiprocDirError(ValueError):
+    """A PROMETHEUS_MULTIPROC_DIR that cannot serve as the multiprocess directory."""
+
+
 def prepare_multiprocess_dir(workers: int, environ: dict[str, str] | os._Environ[str]) -> Path | None:
     """Prometheus' multiprocess directory, ready for a fresh run; returns it when created here (to remove).
 
@@ -37,9 +41,19 @@ def prepare_multiprocess_dir(workers: int, environ: dict[str, str] | os._Environ
     given = environ.get(MULTIPROC_ENV)
     if given:
         path = Path(given)
-        path.mkdir(parents=True, exist_ok=True)
-        for stale in path.glob("*.db"):
-            stale.unlink()
+        if path.exists() and not path.is_dir():
+            raise MultiprocDirError(f"{MULTIPROC_ENV}: expected a directory, got a file: {path}")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for stale in path.glob("*.db"):
+                stale.unlink()
+            # Every worker writes its metric files here: find out now rather than in each worker.
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".blda-probe-"):
+                pass
+        except OSError as exc:
+            raise MultiprocDirError(
+                f"{MULTIPROC_ENV}: expected a writable directory, got {path} ({exc.strerror or exc})"
+            ) from None
         return None
     if workers <= 1:
         return None
@@ -105,7 +119,10 @@ def serve(
 
     from service.http import uvicorn_options
 
-    multiproc_dir = prepare_multiprocess_dir(workers, os.environ)
+    try:
+        multiproc_dir = prepare_multiprocess_dir(workers, os.environ)
+    except MultiprocDirError as exc:
+        raise _fail(str(exc)) from None
     state_dir = prepare_state(workers, os.environ)
     try:
         uvicorn.run(

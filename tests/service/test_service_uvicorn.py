@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -141,3 +142,41 @@ def test_json_logs_have_one_line_per_request_with_its_id(models_dir: Path) -> No
     assert line["model"] == "tiny" and line["version"] == "2" and line["duration_ms"] > 0
     assert set(line["stages_ms"]) == {"decode", "infer", "calibrate", "encode"}
     assert by_id[refused.headers["x-request-id"]]["status"] == 422
+
+
+def bad_multiproc_dirs(tmp_path: Path) -> list[tuple[str, Path]]:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    cases = [
+        ("a regular file", a_file),
+        ("below a regular file", a_file / "sub"),
+        ("in /proc", Path("/proc/blda-x")),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append(("unwritable", locked))
+    else:
+        cases.append(("unwritable", Path("/proc/self")))
+    return cases
+
+
+@pytest.mark.parametrize("case", ["a regular file", "below a regular file", "in /proc", "unwritable"])
+def test_serve_rejects_a_bad_multiprocess_dir_in_one_line(
+    tmp_path: Path, models_dir: Path, case: str
+) -> None:
+    path = dict(bad_multiproc_dirs(tmp_path))[case]
+    result = subprocess.run(
+        [sys.executable, "-m", "blda", "serve", "--workers", "2", "--models-dir", str(models_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(path)},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: PROMETHEUS_MULTIPROC_DIR: expected a"), (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
