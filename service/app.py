@@ -19,6 +19,7 @@ from service.http import HeadLimitMiddleware
 from service.inference import InferenceRunner, load_served_model
 from service.logs import AccessLogMiddleware, configure_json_logging
 from service.multiproc import reap_dead_workers
+from service.openapi import component_schemas, install_openapi
 from service.problems import install_problem_handlers
 from service.records import SegmentationObserver
 from service.registry import ModelRegistry
@@ -76,6 +77,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         summary="Semantic segmentation with BLDA's logit-distribution calibration, toggled per request.",
         version="0.1.0",
         lifespan=lifespan,
+        # Served by routes.web from a packaged copy of the assets, not from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.registry = None
@@ -94,6 +98,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(HeadLimitMiddleware, max_bytes=settings.max_header_bytes)
     for module in (segment, models, admin, health, web, feedback, bias, metrics):
         app.include_router(module.router)
+    web.mount_docs_assets(app)
+    install_openapi(app, component_schemas(segment.SegmentationJson))
     return app
 
 

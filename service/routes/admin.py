@@ -47,6 +47,8 @@ router = APIRouter(
         401: {"description": "No API key", **_PROBLEM},
         403: {"description": "Wrong API key, or admin disabled", **_PROBLEM},
         404: {"description": "Unknown model or version", **_PROBLEM},
+        422: {"description": "Not a valid model name or version", **_PROBLEM},
+        503: {"description": "Starting", **_PROBLEM},
     },
 )
 

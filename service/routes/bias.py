@@ -24,7 +24,10 @@ router = APIRouter(tags=["monitoring"])
 @router.get(
     "/v1/models/{name}/bias",
     summary="Per-class predicted shares, label-free bias and drift, flip rates and feedback IoU/Bias(l)",
-    responses={404: {"description": "Unknown model", "content": {PROBLEM_MEDIA_TYPE: {}}}},
+    responses={
+        404: {"description": "Unknown model", "content": {PROBLEM_MEDIA_TYPE: {}}},
+        503: {"description": "Starting", "content": {PROBLEM_MEDIA_TYPE: {}}},
+    },
 )
 def model_bias(name: ModelNameParam, request: Request, registry: RegistryDep) -> dict[str, Any]:
     telemetry: Telemetry | None = getattr(request.app.state, "telemetry", None)

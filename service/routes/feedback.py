@@ -132,16 +132,57 @@ async def _read_multipart(request: Request, body: bytes, id_required: bool) -> t
         return request_id, await mask.read()
 
 
+_FEEDBACK_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "request_id": {
+                            "type": "string",
+                            "description": "X-Request-Id of the segmentation (or give it in the query)",
+                        },
+                        "mask": {
+                            "type": "string",
+                            "contentEncoding": "base64",
+                            "description": "base64 of the PNG",
+                        },
+                    },
+                    "required": ["mask"],
+                }
+            },
+            MULTIPART: {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "request_id": {"type": "string"},
+                        "mask": {"type": "string", "format": "binary", "description": "the PNG of class ids"},
+                    },
+                    "required": ["mask"],
+                }
+            },
+        },
+    }
+}
+_P: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
+
+
 @router.post(
     "/v1/feedback",
     summary="Ground truth (PNG of class ids, 255 = ignore) for a request served in the last minutes",
+    description="Body: JSON `{request_id, mask: base64 PNG}` or multipart with a `request_id` field and a "
+    "`mask` file. With `?request_id=` the id is checked before the mask is read.",
+    openapi_extra=_FEEDBACK_BODY,
     responses={
-        404: {"description": "Unknown or expired request id", "content": {PROBLEM_MEDIA_TYPE: {}}},
-        409: {"description": "Feedback already given for this request", "content": {PROBLEM_MEDIA_TYPE: {}}},
-        422: {
-            "description": "Mask of the wrong size, mode or class ids",
-            "content": {PROBLEM_MEDIA_TYPE: {}},
-        },
+        404: {"description": "Unknown or expired request id", **_P},
+        408: {"description": "The body did not arrive in time", **_P},
+        409: {"description": "Feedback already given for this request", **_P},
+        413: {"description": "Body over the byte limit", **_P},
+        415: {"description": "Neither JSON nor multipart/form-data", **_P},
+        422: {"description": "Mask of the wrong size, mode or class ids, or a malformed body", **_P},
+        503: {"description": "Starting, or too many requests in progress (Retry-After)", **_P},
     },
 )
 async def post_feedback(

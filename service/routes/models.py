@@ -111,12 +111,27 @@ def summarise(state: ModelState, default_name: str | None) -> ModelSummary:
     )
 
 
-@router.get("/v1/models", summary="List models, their versions and which version serves")
+_P: dict[str, Any] = {"content": {"application/problem+json": {}}}
+
+
+@router.get(
+    "/v1/models",
+    summary="List models, their versions and which version serves",
+    responses={503: {"description": "Starting", **_P}},
+)
 async def list_models(registry: RegistryDep) -> list[ModelSummary]:
     return [summarise(state, registry.default_name) for state in registry.models()]
 
 
-@router.get("/v1/models/{name}", summary="One model: versions, classes, calibration and provenance")
+@router.get(
+    "/v1/models/{name}",
+    summary="One model: versions, classes, calibration and provenance",
+    responses={
+        404: {"description": "Unknown model", **_P},
+        422: {"description": "Not a valid model name", **_P},
+        503: {"description": "Starting", **_P},
+    },
+)
 async def get_model(name: ModelNameParam, registry: RegistryDep) -> ModelDetail:
     try:
         state = registry.get(name)

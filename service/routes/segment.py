@@ -89,7 +89,10 @@ _PROBLEM: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The mask at the input's size: a palette PNG (pixel value = class id), or JSON.",
-        "content": {"image/png": {}, "application/json": {"schema": SegmentationJson.model_json_schema()}},
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/SegmentationJson"}},
+        },
         "headers": {
             "X-Request-Id": {"schema": {"type": "string"}},
             "X-Model-Version": {"schema": {"type": "string"}},
@@ -105,6 +108,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"description": "Body over the byte limit", **_PROBLEM},
     415: {"description": "Unsupported media type", **_PROBLEM},
     422: {"description": "Undecodable or oversized image, or a bad query value", **_PROBLEM},
+    431: {"description": "Request line and headers over the byte limit", **_PROBLEM},
     503: {"description": "No model loaded, or too many requests in progress (Retry-After)", **_PROBLEM},
 }
 
