@@ -66,9 +66,29 @@ def test_docs_pages_load_their_assets_from_the_service(client: TestClient, page:
 
 
 # The operations, known at collection from an app that is never started (the document needs no models).
+_DOCUMENT = create_app(ServiceSettings()).openapi()
+
+
+def _has_invalid_inputs(operation: dict[str, Any]) -> bool:
+    """Whether some request is outside the document: a body, or a parameter that is not any string."""
+    if "requestBody" in operation:
+        return True
+    for parameter in operation.get("parameters", []):
+        schema = json.dumps(parameter.get("schema", {}))
+        if any(
+            key in schema
+            for key in ('"pattern"', '"enum"', '"minimum"', '"maximum"', '"boolean"', '"number"')
+        ):
+            return True
+    return False
+
+
 OPERATIONS = [
-    result.ok().label
-    for result in schemathesis.openapi.from_asgi("/openapi.json", create_app(ServiceSettings())).get_all_operations()
+    pytest.param(f"{method.upper()} {path}", mode, id=f"{method.upper()} {path} {mode.value}")
+    for path, operations in _DOCUMENT["paths"].items()
+    for method, operation in operations.items()
+    for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+    if mode is schemathesis.GenerationMode.POSITIVE or _has_invalid_inputs(operation)
 ]
 
 
@@ -80,15 +100,19 @@ def api(models_dir: Path) -> Iterator[Any]:
 
 
 def test_every_operation_is_fuzzed() -> None:
-    assert len(OPERATIONS) == 12, OPERATIONS
+    labels = {p.values[0] for p in OPERATIONS}
+    assert len(labels) == sum(len(ops) for ops in _DOCUMENT["paths"].values()) == 12, labels
+    assert sum(p.values[1] is schemathesis.GenerationMode.NEGATIVE for p in OPERATIONS) >= 7
 
 
-@pytest.mark.parametrize("label", OPERATIONS)
-def test_no_operation_answers_outside_its_document(api: Any, label: str) -> None:
+@pytest.mark.parametrize(("label", "mode"), OPERATIONS)
+def test_no_operation_answers_outside_its_document(api: Any, label: str, mode: Any) -> None:
     operation = next(r.ok() for r in api.get_all_operations() if r.ok().label == label)
 
-    @given(case=operation.as_strategy())
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
     def fuzz(case: Any) -> None:
         # positive_data_acceptance is left out: a schema cannot say "a decodable PNG" or "an id served
         # in the last 15 minutes", so schema-valid bodies are rightly refused with a documented 4xx.
