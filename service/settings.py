@@ -66,10 +66,11 @@ class ServiceSettings(BaseSettings):
     # Retry-After, so that a burst is refused early instead of holding every upload in memory.
     max_pending_requests: int = Field(default=64, ge=1)
     # Request bodies being received at once per process (segment and feedback), each at most
-    # max_body_bytes: this bounds the memory of uploads in transit (limit x max_body_bytes). They hold no
-    # admission slot: a slot (max_pending_requests) is taken only once a body has fully arrived, so slow
-    # senders cannot starve fast ones. Past the limit: 503 overloaded before anything is read.
-    max_uploads_in_transit: int = Field(default=128, ge=1)
+    # max_body_bytes. They hold no admission slot: a slot (max_pending_requests) is taken only once a
+    # body has fully arrived, so slow senders cannot starve fast ones; past this limit, 503 overloaded
+    # before anything is read. Request bodies in memory: at most
+    # (max_uploads_in_transit + max_pending_requests) x max_body_bytes per process.
+    max_uploads_in_transit: int = Field(default=32, ge=1)
 
     # Timeouts of the HTTP server (the h11 protocol of service.http; uvicorn's own options otherwise).
     # Request line and headers must arrive within header_timeout_s of their first byte (or of the

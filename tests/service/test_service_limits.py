@@ -25,6 +25,7 @@ IMAGE = png_bytes(scene(40, 48, seed=3))
 # Short limits, so that each test waits a few seconds at most.
 LIMITS = {
     "BLDA_MAX_PENDING_REQUESTS": "4",
+    "BLDA_MAX_UPLOADS_IN_TRANSIT": "48",
     "BLDA_HEADER_TIMEOUT_S": "2",
     "BLDA_MAX_HEADER_BYTES": "16384",
     "BLDA_BODY_MIN_RATE_BYTES_S": "1000",
