@@ -22,6 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.state import StateError
+
 log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -81,6 +83,9 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
     "not-ready": ProblemType(503, "Not ready", "No model version is loaded and serving yet."),
     "overloaded": ProblemType(
         503, "Overloaded", "Too many segment requests are in progress; retry after the Retry-After seconds."
+    ),
+    "state-unavailable": ProblemType(
+        503, "State unavailable", "The shared state store (BLDA_STATE_URL) cannot be reached; retry later."
     ),
     "internal-error": ProblemType(
         500, "Internal error", "An unexpected server error; the request id is logged."
@@ -218,8 +223,19 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _on_state_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("shared state unavailable (request id %s): %s", _request_id(request), exc)
+    return problem_response(
+        "state-unavailable",
+        "the shared state store cannot be reached",
+        _request_id(request),
+        headers={"Retry-After": "5"},
+    )
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(StateError, _on_state_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)

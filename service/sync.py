@@ -14,6 +14,11 @@ changed and activates the pinned versions. A watcher does the same every ``sync_
 idle workers switch too. The admin answer waits (at most ``admin_sync_timeout_s``) until
 ``registry/applied/<g>`` counts every worker, and says how many switched.
 
+The check before each request is what guarantees that no request started after an answer is served by
+the old version; the wait only makes the answer say so. (With replicas sharing Redis, the applied count
+gathers workers of every replica, so ``all_switched`` may come early; the per-request check still
+holds.) When the store cannot be reached, workers keep serving what they have and log it.
+
 Two admin calls at the same moment on different workers may lose one of the two changes of the desired
 state (read, modify, write); admin calls are rare and answered with the state they produced.
 """
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.registry import ModelRegistry, RegistryError
-from service.state import StateStore
+from service.state import StateError, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,7 @@ class RegistrySync:
         self.applied = 0
         self._reloads_seen: dict[str, int] = {}
         self._lock = asyncio.Lock()
+        self._store_down = False
 
     def _generation(self) -> int:
         raw = self.store.get(GENERATION)
@@ -85,7 +91,16 @@ class RegistrySync:
 
     async def current(self) -> None:
         """Catch up with the shared generation before serving (cheap when already current)."""
-        if self._generation() != self.applied:
+        try:
+            behind = self._generation() != self.applied
+        except StateError as exc:
+            # Availability first: serve what this worker has; say so once per outage.
+            if not self._store_down:
+                log.warning("registry sync: %s; serving the versions loaded here", exc)
+            self._store_down = True
+            return
+        self._store_down = False
+        if behind:
             await self._catch_up()
 
     async def _catch_up(self) -> None:

@@ -32,6 +32,7 @@ LIMITS = {
     "BLDA_BODY_MIN_RATE_GRACE_S": "3",
     "BLDA_BODY_TIMEOUT_S": "20",
     "BLDA_GRACEFUL_SHUTDOWN_S": "2",
+    "BLDA_KEEP_ALIVE_S": "1",
 }
 
 
@@ -151,6 +152,16 @@ def test_an_idle_connection_is_closed_after_the_header_timeout(limited: int) -> 
     with socket.create_connection(("127.0.0.1", limited), timeout=10) as sock:
         closed, got = closed_within(sock, 5.0)
         assert closed and got == b""
+
+
+def test_an_idle_keep_alive_connection_closes_after_the_keep_alive(limited: int) -> None:
+    with socket.create_connection(("127.0.0.1", limited), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_answer(sock).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        closed, _ = closed_within(sock, 4.0)
+        # 1 s of keep-alive, well before the 2 s header timeout could be the reason.
+        assert closed and time.monotonic() - started < 1.8
 
 
 def test_a_head_over_the_size_limit_is_refused(limited: int) -> None:

@@ -209,3 +209,33 @@ def test_predictions_round_trip_through_the_shared_format() -> None:
     for calibrated in (compress_mask(mask[::-1]), None):
         p = ServedPrediction("r", "m", "1.0", 19, (12, 16), (3, 4), compress_mask(mask), calibrated, 5.0)
         assert deserialize_prediction(serialize_prediction(p)) == p
+
+
+@pytest.mark.e2e
+def test_a_redis_outage_keeps_segmentation_up_and_feedback_says_why(models_dir: Path) -> None:
+    from server_helpers import redis_server
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with redis_server() as url:
+        process = start_server(models_dir, port, env={"BLDA_STATE_URL": url})
+        try:
+            wait_ready(process, base)
+            assert segment_then_feedback(base, base, 0) == (200, 409)
+        except BaseException:
+            stop(process)
+            raise
+    # redis-server is gone now.
+    try:
+        with httpx.Client(base_url=base, timeout=30.0) as http:
+            served = http.post("/v1/segment", content=png_bytes(scene(16, 16)), headers=PNG)
+            assert served.status_code == 200, served.text
+            body = {
+                "request_id": served.headers["x-request-id"],
+                "mask": base64.b64encode(served.content).decode(),
+            }
+            answer = http.post("/v1/feedback", json=body)
+            assert answer.status_code == 503 and answer.json()["type"] == "/problems/state-unavailable"
+            assert answer.headers["retry-after"] == "5"
+    finally:
+        stop(process)
