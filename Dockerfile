@@ -17,7 +17,7 @@ COPY blda ./blda
 COPY calibration ./calibration
 COPY service ./service
 COPY training ./training
-RUN pip install ".[serve]"
+RUN pip install ".[serve,redis]"
 
 COPY models ./models
 

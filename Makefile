@@ -20,11 +20,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[serve,train,dev]'
 	touch $@
 
-# A serving-only environment: no torch.
-install-serve:
-	python3 -m venv $(VENV)-serve
-	$(VENV)-serve/bin/python -m pip install -q --upgrade pip
-	$(VENV)-serve/bin/python -m pip install -q -e '.[serve]'
+# A serving-only environment: no torch, no dev tools (what `make serve` runs from).
+SERVE_VENV ?= $(VENV)-serve
+
+install-serve: $(SERVE_VENV)/.installed
+
+$(SERVE_VENV)/.installed: pyproject.toml
+	python3 -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install -q -e '.[serve,redis]'
+	touch $@
 
 test: install
 	$(PY) -m pytest -q
@@ -38,11 +43,11 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-serve: install
-	$(VENV)/bin/blda serve --host $(HOST) --port $(PORT)
+serve: install-serve
+	$(SERVE_VENV)/bin/blda serve --host $(HOST) --port $(PORT)
 
 bench: install
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(VENV)-serve .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -27,6 +27,10 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+class MultiprocDirError(ValueError):
+    """A PROMETHEUS_MULTIPROC_DIR that cannot serve as the multiprocess directory."""
+
+
 def prepare_multiprocess_dir(workers: int, environ: dict[str, str] | os._Environ[str]) -> Path | None:
     """Prometheus' multiprocess directory, ready for a fresh run; returns it when created here (to remove).
 
@@ -37,14 +41,37 @@ def prepare_multiprocess_dir(workers: int, environ: dict[str, str] | os._Environ
     given = environ.get(MULTIPROC_ENV)
     if given:
         path = Path(given)
-        path.mkdir(parents=True, exist_ok=True)
-        for stale in path.glob("*.db"):
-            stale.unlink()
+        if path.exists() and not path.is_dir():
+            raise MultiprocDirError(f"{MULTIPROC_ENV}: expected a directory, got a file: {path}")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for stale in path.glob("*.db"):
+                stale.unlink()
+            # Every worker writes its metric files here: find out now rather than in each worker.
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".blda-probe-"):
+                pass
+        except OSError as exc:
+            raise MultiprocDirError(
+                f"{MULTIPROC_ENV}: expected a writable directory, got {path} ({exc.strerror or exc})"
+            ) from None
         return None
     if workers <= 1:
         return None
     path = Path(tempfile.mkdtemp(prefix="blda-prometheus-"))
     environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+STATE_ENV = "BLDA_STATE_URL"
+
+
+def prepare_state(workers: int, environ: dict[str, str] | os._Environ[str]) -> Path | None:
+    """Several workers share one SQLite state file unless BLDA_STATE_URL names a store; returns the
+    directory created here (to remove). One worker keeps its state in memory."""
+    if environ.get(STATE_ENV) or workers <= 1:
+        return None
+    path = Path(tempfile.mkdtemp(prefix="blda-state-"))
+    environ[STATE_ENV] = f"sqlite:///{path / 'state.db'}"
     return path
 
 
@@ -90,7 +117,13 @@ def serve(
 
     import uvicorn
 
-    multiproc_dir = prepare_multiprocess_dir(workers, os.environ)
+    from service.http import uvicorn_options
+
+    try:
+        multiproc_dir = prepare_multiprocess_dir(workers, os.environ)
+    except MultiprocDirError as exc:
+        raise _fail(str(exc)) from None
+    state_dir = prepare_state(workers, os.environ)
     try:
         uvicorn.run(
             "service.app:app_from_environment",
@@ -99,8 +132,12 @@ def serve(
             port=port,
             workers=workers,
             log_level=log_level,
-            access_log=access_log,
+            # JSON logs: the app configures logging in each worker and writes its own access lines.
+            access_log=access_log and settings.log_format == "text",
+            log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+            **uvicorn_options(settings),
         )
     finally:
-        if multiproc_dir is not None:
-            shutil.rmtree(multiproc_dir, ignore_errors=True)
+        for made in (multiproc_dir, state_dir):
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)

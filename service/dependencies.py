@@ -14,6 +14,7 @@ from service.inference import InferenceRunner
 from service.problems import Problem
 from service.records import SegmentationObserver
 from service.registry import (
+    BadName,
     ModelNotFound,
     ModelRegistry,
     NotReady,
@@ -22,6 +23,7 @@ from service.registry import (
     VersionNotLoadable,
 )
 from service.settings import ServiceSettings
+from service.sync import RegistrySync
 
 
 async def get_settings(request: Request) -> ServiceSettings:
@@ -33,6 +35,10 @@ async def get_registry(request: Request) -> ModelRegistry:
     registry: ModelRegistry | None = getattr(request.app.state, "registry", None)
     if registry is None:
         raise Problem("not-ready", "the service is starting: no model is loaded yet")
+    sync: RegistrySync | None = getattr(request.app.state, "sync", None)
+    if sync is not None:
+        # An admin change made through another worker or replica applies here before this request.
+        await sync.current()
     return registry
 
 
@@ -58,6 +64,7 @@ _PROBLEM_OF: dict[type[RegistryError], str] = {
     VersionNotFound: "version-not-found",
     VersionNotLoadable: "version-not-loadable",
     NotReady: "not-ready",
+    BadName: "invalid-request",
 }
 
 

@@ -4,22 +4,18 @@
 logit resolution, zlib-compressed (a palette-like uint8 mask compresses 10-50x), under two bounds: at
 most ``max_entries`` predictions (the oldest go first) and for at most ``ttl_s`` seconds.
 
-The store is per process. With several workers or replicas, a feedback request must reach the process
-that served the image; the service tells the client which by nothing more than the connection, so
-clients keep their HTTP connection (keep-alive) between the segmentation and the feedback, and load
-balancers route with affinity (sticky sessions). A shared store (Redis, a volume) would lift that
-limit at the cost of a dependency and a write per request; an opaque token carrying the decision back
-to the client would cost response size and a signing key (unsigned decisions could be forged to
-poison the confusion counts). See deploy/README.md.
+The store lives in the service's shared state (:mod:`service.state`): in this process by default, in
+SQLite for the workers of one ``blda serve``, in Redis (``BLDA_STATE_URL``) for several replicas; a
+feedback then works through any worker or replica. The prediction is stored before the response is
+sent, so a feedback right after it finds it.
 """
 
 from __future__ import annotations
 
 import io
-import threading
+import json
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +28,7 @@ from calibration.bias import confusion_matrix
 from calibration.labels import IGNORE_INDEX
 from service.imaging import resize_nearest
 from service.records import SegmentationRecord
+from service.state import MemoryStore, StateStore
 
 
 class FeedbackSettings(BaseSettings):
@@ -103,15 +100,60 @@ def prediction_from_record(record: SegmentationRecord, served_at: float) -> Serv
     )
 
 
-class FeedbackStore:
-    """Bounded, expiring map request id -> :class:`ServedPrediction`; thread-safe.
+_PREDICTION = "feedback/prediction/"
+_USED = "feedback/used/"
 
-    An id that received feedback stays (without its masks) until it expires, so that a second feedback
-    gets "already given" rather than "unknown".
+
+def serialize_prediction(p: ServedPrediction) -> bytes:
+    """header JSON, NUL, raw zlib, calibrated zlib (lengths in the header)."""
+    head = {
+        "request_id": p.request_id,
+        "model_name": p.model_name,
+        "model_version": p.model_version,
+        "num_classes": p.num_classes,
+        "input_size": list(p.input_size),
+        "logit_shape": list(p.logit_shape),
+        "raw": len(p.raw),
+        "calibrated": None if p.calibrated is None else len(p.calibrated),
+        "served_at": p.served_at,
+    }
+    return json.dumps(head, separators=(",", ":")).encode() + b"\0" + p.raw + (p.calibrated or b"")
+
+
+def deserialize_prediction(data: bytes) -> ServedPrediction:
+    head_bytes, _, rest = data.partition(b"\0")
+    head = json.loads(head_bytes)
+    raw_len = int(head["raw"])
+    cal_len = head["calibrated"]
+    return ServedPrediction(
+        request_id=head["request_id"],
+        model_name=head["model_name"],
+        model_version=head["model_version"],
+        num_classes=int(head["num_classes"]),
+        input_size=(int(head["input_size"][0]), int(head["input_size"][1])),
+        logit_shape=(int(head["logit_shape"][0]), int(head["logit_shape"][1])),
+        raw=rest[:raw_len],
+        calibrated=None if cal_len is None else rest[raw_len : raw_len + int(cal_len)],
+        served_at=float(head["served_at"]),
+    )
+
+
+class FeedbackStore:
+    """Request id -> :class:`ServedPrediction` in the shared state (:mod:`service.state`), for ``ttl_s``.
+
+    The default state is this process's own :class:`~service.state.MemoryStore` holding at most
+    ``max_entries`` predictions (the oldest go first); with ``BLDA_STATE_URL`` every worker and replica
+    sees the same predictions, and TTLs bound them. An id that received feedback leaves a marker until it
+    expires, so that a second feedback gets "already given" rather than "unknown". Request ids are the
+    server's own (service.request_id), so clients cannot collide.
     """
 
     def __init__(
-        self, max_entries: int = 10_000, ttl_s: float = 900.0, clock: Callable[[], float] = time.monotonic
+        self,
+        max_entries: int = 10_000,
+        ttl_s: float = 900.0,
+        clock: Callable[[], float] = time.monotonic,
+        state: StateStore | None = None,
     ):
         if max_entries < 1:
             raise ValueError(f"expected max_entries >= 1, got {max_entries}")
@@ -120,70 +162,58 @@ class FeedbackStore:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self._clock = clock
-        self._lock = threading.Lock()
-        # Insertion order is serving order: the oldest entries are at the front.
-        self._entries: OrderedDict[str, ServedPrediction] = OrderedDict()
-        self._used: OrderedDict[str, float] = OrderedDict()  # request id -> served_at
-        self.evicted = 0
+        self._memory = MemoryStore(max_entries, clock) if state is None else None
+        self.state: StateStore = state if state is not None else self._memory  # type: ignore[assignment]
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        """Predictions awaiting feedback (in-process state only)."""
+        return len(self._own().keys(_PREDICTION))
+
+    @property
+    def evicted(self) -> int:
+        return self._own().evicted
 
     @property
     def nbytes(self) -> int:
-        with self._lock:
-            return sum(p.nbytes for p in self._entries.values())
+        memory = self._own()
+        return sum(len(memory.get(key) or b"") for key in memory.keys(_PREDICTION))
+
+    def _own(self) -> MemoryStore:
+        if self._memory is None:
+            raise TypeError("sizes are known for the in-process store only")
+        return self._memory
 
     def observe(self, record: SegmentationRecord) -> None:
-        """A segmentation observer: keep what this request served."""
+        """Keep what this request served (called before the response is sent)."""
         self.put(prediction_from_record(record, self._clock()))
 
     def put(self, prediction: ServedPrediction) -> None:
-        with self._lock:
-            self._expire(self._clock())
-            self._entries[prediction.request_id] = prediction
-            self._entries.move_to_end(prediction.request_id)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-                self.evicted += 1
+        self.state.put(_PREDICTION + prediction.request_id, serialize_prediction(prediction), self.ttl_s)
 
     def peek(self, request_id: str) -> ServedPrediction:
         """The prediction of request_id, without claiming it; FeedbackError if it cannot take feedback."""
-        with self._lock:
-            return self._find(request_id)
+        data = self.state.get(_PREDICTION + request_id)
+        if data is None:
+            raise self._missing(request_id)
+        return deserialize_prediction(data)
 
     def claim(self, request_id: str) -> ServedPrediction:
-        """Take the prediction for feedback: a second claim of the same id raises FeedbackError('used')."""
-        with self._lock:
-            prediction = self._find(request_id)
-            del self._entries[request_id]
-            self._used[request_id] = prediction.served_at
-            return prediction
+        """Take the prediction for feedback: of concurrent claims (any worker, any replica) one wins."""
+        data = self.state.take(_PREDICTION + request_id)
+        if data is None:
+            raise self._missing(request_id)
+        self.state.put(_USED + request_id, b"1", self.ttl_s)
+        return deserialize_prediction(data)
 
-    def _find(self, request_id: str) -> ServedPrediction:
-        now = self._clock()
-        self._expire(now)
-        if request_id in self._used:
-            raise FeedbackError(request_id, "used", f"request {request_id!r} already received feedback")
-        prediction = self._entries.get(request_id)
-        if prediction is None:
-            raise FeedbackError(
-                request_id,
-                "unknown",
-                f"expected the id of a request served by this process in the last {self.ttl_s:g} s "
-                f"(at most {self.max_entries} are kept), got unknown or expired {request_id!r}",
-            )
-        return prediction
-
-    def _expire(self, now: float) -> None:
-        horizon = now - self.ttl_s
-        while self._entries and next(iter(self._entries.values())).served_at <= horizon:
-            self._entries.popitem(last=False)
-        while self._used and next(iter(self._used.values())) <= horizon:
-            self._used.popitem(last=False)
-        while len(self._used) > self.max_entries:
-            self._used.popitem(last=False)
+    def _missing(self, request_id: str) -> FeedbackError:
+        if self.state.get(_USED + request_id) is not None:
+            return FeedbackError(request_id, "used", f"request {request_id!r} already received feedback")
+        return FeedbackError(
+            request_id,
+            "unknown",
+            f"expected the X-Request-Id of a request served in the last {self.ttl_s:g} s, "
+            f"got unknown or expired {request_id!r}",
+        )
 
 
 def decode_mask(data: bytes, input_size: tuple[int, int], num_classes: int) -> np.ndarray:

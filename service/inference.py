@@ -225,8 +225,10 @@ class InferenceRunner:
         self.infer_pool = ThreadPoolExecutor(
             settings.max_concurrent_inferences, thread_name_prefix="blda-infer"
         )
-        # Segment requests in progress; only the event loop changes it.
+        # Requests in progress (body received) and bodies being received; only the event loop changes
+        # them (see service.admission).
         self.pending = 0
+        self.uploading = 0
         # Weak keys: a model replaced by a reload takes its batcher with it.
         self._batchers: weakref.WeakKeyDictionary[ServedModel, MicroBatcher] = weakref.WeakKeyDictionary()
 

@@ -13,6 +13,7 @@ Clients should branch on ``type``, never on ``detail`` (a message for people).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.state import StateError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,14 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
         "Unsupported media type",
         "The body must be multipart/form-data with a 'file' part, or a raw image/png, image/jpeg or "
         "image/webp.",
+    ),
+    "request-timeout": ProblemType(
+        408,
+        "Request timeout",
+        "The request body did not arrive in time (a total deadline and a minimum rate); the connection closes.",
+    ),
+    "header-too-large": ProblemType(
+        431, "Request header fields too large", "The request line and headers exceed the byte limit."
     ),
     "invalid-image": ProblemType(422, "Invalid image", "The image cannot be decoded as PNG, JPEG or WebP."),
     "image-too-large": ProblemType(
@@ -73,6 +84,9 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
     "overloaded": ProblemType(
         503, "Overloaded", "Too many segment requests are in progress; retry after the Retry-After seconds."
     ),
+    "state-unavailable": ProblemType(
+        503, "State unavailable", "The shared state store (BLDA_STATE_URL) cannot be reached; retry later."
+    ),
     "internal-error": ProblemType(
         500, "Internal error", "An unexpected server error; the request id is logged."
     ),
@@ -84,6 +98,21 @@ _STATUS_FALLBACK = {
     413: "payload-too-large",
     415: "unsupported-media-type",
 }
+
+
+# What a client must never see: absolute file paths (the server's layout) and object reprs (heap
+# addresses, e.g. PIL's "<_io.BytesIO object at 0x7f...>").
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(?!/(?:v1|problems)/)(?:/[\w.+@~-]+){2,}/?")  # not this API's own
+
+
+def redact(text: str, root: str | None = None) -> str:
+    """``text`` without absolute paths (relative to ``root`` when below it, else the last component) or
+    object reprs (their type name)."""
+    if root:
+        text = text.replace(root.rstrip("/") + "/", "")
+    text = _OBJECT_REPR.sub(lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return _ABSOLUTE_PATH.sub(lambda m: ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
 
 
 class Problem(Exception):
@@ -104,11 +133,14 @@ class Problem(Exception):
 
 def problem_body(slug: str, detail: str, request_id: str | None = None, **extensions: Any) -> dict[str, Any]:
     kind = PROBLEM_TYPES[slug]
+    public = redact(detail)
+    if public != detail:  # the full text stays in the server's log, findable by the request id
+        log.info("problem %s (request id %s): %s", slug, request_id, detail)
     body: dict[str, Any] = {
         "type": TYPE_PREFIX + slug,
         "title": kind.title,
         "status": kind.status,
-        "detail": detail,
+        "detail": public,
     }
     if request_id:
         body["request_id"] = request_id
@@ -136,6 +168,9 @@ async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'} if exc.status == 401 else None
     if exc.slug == "overloaded":
         headers = {"Retry-After": "1"}
+    if exc.slug == "request-timeout":
+        # The rest of the body may still be on its way: this connection cannot carry another request.
+        headers = {"Connection": "close"}
     return problem_response(exc.slug, exc.detail, _request_id(request), headers=headers, **exc.extensions)
 
 
@@ -173,14 +208,34 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     request_id = _request_id(request)
-    log.exception("unhandled error (request id %s)", request_id)
+    log.exception(
+        "unhandled error (request id %s, client id %s)",
+        request_id,
+        getattr(request.state, "client_request_id", None),
+    )
+    # This handler runs outside the request-id middleware: set its header here.
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    correlation = getattr(request.state, "client_request_id", None)
+    if correlation:
+        headers["X-Client-Request-Id"] = correlation
     return problem_response(
-        "internal-error", "an unexpected error occurred; quote the request id", request_id
+        "internal-error", "an unexpected error occurred; quote the request id", request_id, headers=headers
+    )
+
+
+async def _on_state_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("shared state unavailable (request id %s): %s", _request_id(request), exc)
+    return problem_response(
+        "state-unavailable",
+        "the shared state store cannot be reached",
+        _request_id(request),
+        headers={"Retry-After": "5"},
     )
 
 
 def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(StateError, _on_state_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -22,6 +22,7 @@ from types import MappingProxyType
 
 from calibration.bundle import BundleError, version_key
 from service.inference import ServedModel
+from service.names import InvalidName, check_name, is_valid_name
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ class VersionNotLoadable(RegistryError):
 
 class NotReady(RegistryError):
     pass
+
+
+class BadName(RegistryError):
+    """A model name or version outside service.names.NAME_PATTERN: refused before touching the disk."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,18 @@ def _subdirectories(path: Path) -> list[Path]:
     # Hidden entries are bundles being written (calibration.bundle.save_bundle stages in ".<version>.*").
     if not path.is_dir():
         return []
-    return sorted(
-        (p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
-    )
+    entries = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    bad = [p.name for p in entries if not is_valid_name(p.name)]
+    if bad:
+        log.warning("ignoring directories whose names are not valid model names or versions: %s", bad)
+    return sorted((p for p in entries if is_valid_name(p.name)), key=lambda p: p.name)
+
+
+def _checked(kind: str, value: str) -> str:
+    try:
+        return check_name(kind, value)
+    except InvalidName as exc:
+        raise BadName(str(exc)) from exc
 
 
 def _choose_active(versions: Mapping[str, VersionState], pinned: str | None, name: str) -> str | None:
@@ -118,6 +132,7 @@ class ModelRegistry:
         return list(self._states.values())
 
     def get(self, name: str) -> ModelState:
+        _checked("model name", name)
         state = self._states.get(name)
         if state is None:
             raise ModelNotFound(f"expected one of the models {sorted(self._states)}, got {name!r}")
@@ -134,9 +149,9 @@ class ModelRegistry:
         if name is None:
             name = self.default_name
             if name is None:
-                raise NotReady(f"no model found in {self.models_dir}")
+                raise NotReady("no model found in the models directory")
             if name not in self._states:
-                raise NotReady(f"the default model {name!r} is not in {self.models_dir}")
+                raise NotReady(f"the default model {name!r} is not in the models directory")
         model = self.get(name).active_model
         if model is None:
             raise NotReady(f"model {name!r} has no loadable version")
@@ -161,11 +176,12 @@ class ModelRegistry:
 
     def reload(self, name: str) -> ModelState:
         """Load every version of ``name`` from disk again (a new model directory is picked up too)."""
+        _checked("model name", name)
         with self._lock:
             if name not in self._states and not (self.models_dir / name).is_dir():
                 raise ModelNotFound(
-                    f"expected one of the models {sorted(self._states)} or a directory "
-                    f"{self.models_dir / name}, got {name!r}"
+                    f"expected one of the models {sorted(self._states)} or a directory of that name in "
+                    f"the models directory, got {name!r}"
                 )
             state = self._load_model(name, self._states.get(name))
             self._swap(state)
@@ -173,6 +189,8 @@ class ModelRegistry:
 
     def activate(self, name: str, version: str) -> ModelState:
         """Serve ``version`` of ``name`` from now on (a pin kept across reloads)."""
+        _checked("model name", name)
+        _checked("version", version)
         with self._lock:
             state = self.get(name)
             target = state.versions.get(version)

@@ -19,8 +19,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.names import check_name
 
 SETTINGS_FILE_ENV = "BLDA_SETTINGS_FILE"
 
@@ -63,6 +65,42 @@ class ServiceSettings(BaseSettings):
     # Segment requests admitted at once per process (reading, queued or running); past it: 503 with
     # Retry-After, so that a burst is refused early instead of holding every upload in memory.
     max_pending_requests: int = Field(default=64, ge=1)
+    # Request bodies being received at once per process (segment and feedback), each at most
+    # max_body_bytes. They hold no admission slot: a slot (max_pending_requests) is taken only once a
+    # body has fully arrived, so slow senders cannot starve fast ones; past this limit, 503 overloaded
+    # before anything is read. Request bodies in memory: at most
+    # (max_uploads_in_transit + max_pending_requests) x max_body_bytes per process.
+    max_uploads_in_transit: int = Field(default=32, ge=1)
+
+    # Timeouts of the HTTP server (the h11 protocol of service.http; uvicorn's own options otherwise).
+    # Request line and headers must arrive within header_timeout_s of their first byte (or of the
+    # connection), and be at most max_header_bytes in all: slow or huge headers cannot hold memory.
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
+    max_header_bytes: int = Field(default=64 * 1024, ge=4096, le=16 * 1024 * 1024)
+    # A body must arrive within body_timeout_s in all, and after a grace of body_min_rate_grace_s at
+    # body_min_rate_bytes_s on average at least (0: no minimum rate); else 408 and the connection closes.
+    body_timeout_s: float = Field(default=60.0, gt=0.0, le=3600.0)
+    body_min_rate_bytes_s: float = Field(default=1024.0, ge=0.0)
+    body_min_rate_grace_s: float = Field(default=5.0, ge=0.0, le=3600.0)
+    # Idle keep-alive connections close after this; on SIGTERM, requests in progress get
+    # graceful_shutdown_s to finish before they are cancelled.
+    keep_alive_s: int = Field(default=5, ge=1, le=3600)
+    graceful_shutdown_s: int = Field(default=10, ge=1, le=3600)
+
+    # Shared state of the workers and replicas (service.state): predictions awaiting feedback, the
+    # registry's generation. memory:// (one process), sqlite:///path (one host; `blda serve --workers N`
+    # creates one when unset), redis://host:port/db (several replicas).
+    state_url: str = Field(default="memory://", pattern=r"^(memory|sqlite|redis|rediss|unix)://")
+
+    # Workers catch up with admin changes made elsewhere before each request and every sync_interval_s
+    # (service.sync); an admin answer waits at most admin_sync_timeout_s for every worker to switch.
+    sync_interval_s: float = Field(default=0.5, gt=0.0, le=60.0)
+    admin_sync_timeout_s: float = Field(default=10.0, ge=0.0, le=300.0)
+
+    # text: uvicorn's usual logs; json: JSON lines, one per request with its id, model, version, status and
+    # stage times (service.logs).
+    log_format: Literal["text", "json"] = "text"
+
     # Threads for decoding, calibration and encoding.
     cpu_threads: int | None = Field(default=None, ge=1)
 
@@ -78,11 +116,25 @@ class ServiceSettings(BaseSettings):
     # Pixels the core's calibrated decision processes at once (bounds its working memory).
     calibration_chunk_pixels: int = Field(default=65536, ge=1024)
 
+    @field_validator("admin_api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: Any) -> Any:
+        # BLDA_ADMIN_API_KEY="" (a blank line in an env file) must disable admin, not make "" the key.
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @model_validator(mode="after")
     def _pinned_names(self) -> ServiceSettings:
         for name, version in self.pinned_versions.items():
             if not name or not version:
                 raise ValueError(f"expected pinned_versions as {{name: version}}, got {name!r}: {version!r}")
+            check_name("pinned_versions model name", name)
+            check_name("pinned_versions version", version)
+        if self.default_model is not None:
+            check_name("default_model", self.default_model)
         return self
 
     def onnx_threads(self) -> int:

@@ -708,10 +708,13 @@ def start_monitoring(app: Any, registry: ModelRegistry) -> None:
     telemetry = Telemetry(class_names_of=partial(_names_from_registry, registry))
     register_loaded_versions(telemetry, registry)
     settings = FeedbackSettings()
-    store = FeedbackStore(max_entries=settings.max_entries, ttl_s=settings.ttl_s)
+    # The shared state when the service has one (several workers or replicas), else its own memory.
+    shared = getattr(app.state, "shared_state", None)
+    store = FeedbackStore(max_entries=settings.max_entries, ttl_s=settings.ttl_s, state=shared)
     app.state.telemetry = telemetry
     app.state.feedback_store = store
-    app.state.segmentation_observers.extend([telemetry.observe_segmentation, store.observe])
+    # Not an observer: the segment route stores the prediction before the response is sent.
+    app.state.segmentation_observers.append(telemetry.observe_segmentation)
     workers = WorkerMetrics(telemetry.registry)
     workers.start(registry)
     app.state.worker_metrics = workers

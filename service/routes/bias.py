@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from service.dependencies import RegistryDep, problem_from
+from service.names import ModelNameParam
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.registry import RegistryError
 from service.telemetry import Telemetry
@@ -23,9 +24,12 @@ router = APIRouter(tags=["monitoring"])
 @router.get(
     "/v1/models/{name}/bias",
     summary="Per-class predicted shares, label-free bias and drift, flip rates and feedback IoU/Bias(l)",
-    responses={404: {"description": "Unknown model", "content": {PROBLEM_MEDIA_TYPE: {}}}},
+    responses={
+        404: {"description": "Unknown model", "content": {PROBLEM_MEDIA_TYPE: {}}},
+        503: {"description": "Starting", "content": {PROBLEM_MEDIA_TYPE: {}}},
+    },
 )
-def model_bias(name: str, request: Request, registry: RegistryDep) -> dict[str, Any]:
+def model_bias(name: ModelNameParam, request: Request, registry: RegistryDep) -> dict[str, Any]:
     telemetry: Telemetry | None = getattr(request.app.state, "telemetry", None)
     if telemetry is None:
         raise Problem("not-ready", "the service is starting: no statistics yet")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
+from service.multiproc import reap_dead_workers
 from service.telemetry import Telemetry, multiprocess_dir, register_loaded_versions
 
 router = APIRouter(tags=["monitoring"])
@@ -19,7 +20,9 @@ def metrics(request: Request) -> Response:
         register_loaded_versions(telemetry, models)  # a version loaded by a reload starts at 0
     directory = multiprocess_dir()
     if directory is not None:
-        # A fresh registry per scrape: the collector reads every worker's files, live and dead.
+        # A fresh registry per scrape: the collector reads every worker's files; a killed worker's live
+        # gauges go first.
+        reap_dead_workers(directory)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -9,6 +9,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from service.dependencies import RegistryDep, problem_from
+from service.names import ModelNameParam
+from service.problems import redact
 from service.registry import ModelState, RegistryError, VersionState
 
 router = APIRouter(tags=["models"])
@@ -65,11 +67,13 @@ def _iso(timestamp: float) -> str:
 
 
 def _version_info(state: VersionState, active: bool) -> VersionInfo:
+    # Load errors name files: shown relative to the models directory, never as absolute paths.
+    root = str(state.directory.parent.parent)
     info = VersionInfo(
         version=state.version,
         status=state.status,
         active=active,
-        error=state.error,
+        error=redact(state.error, root) if state.error else None,
         checked_at=_iso(state.checked_at),
     )
     model = state.model
@@ -107,13 +111,28 @@ def summarise(state: ModelState, default_name: str | None) -> ModelSummary:
     )
 
 
-@router.get("/v1/models", summary="List models, their versions and which version serves")
+_P: dict[str, Any] = {"content": {"application/problem+json": {}}}
+
+
+@router.get(
+    "/v1/models",
+    summary="List models, their versions and which version serves",
+    responses={503: {"description": "Starting", **_P}},
+)
 async def list_models(registry: RegistryDep) -> list[ModelSummary]:
     return [summarise(state, registry.default_name) for state in registry.models()]
 
 
-@router.get("/v1/models/{name}", summary="One model: versions, classes, calibration and provenance")
-async def get_model(name: str, registry: RegistryDep) -> ModelDetail:
+@router.get(
+    "/v1/models/{name}",
+    summary="One model: versions, classes, calibration and provenance",
+    responses={
+        404: {"description": "Unknown model", **_P},
+        422: {"description": "Not a valid model name", **_P},
+        503: {"description": "Starting", **_P},
+    },
+)
+async def get_model(name: ModelNameParam, registry: RegistryDep) -> ModelDetail:
     try:
         state = registry.get(name)
     except RegistryError as exc:

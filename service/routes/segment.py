@@ -23,7 +23,9 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
+from service.admission import upload_slot, work_slot
 from service.dependencies import ObserversDep, RegistryDep, RunnerDep, SettingsDep, problem_from
+from service.feedback import FeedbackStore
 from service.imaging import (
     ImageDecodeError,
     ImageTooLargeError,
@@ -35,10 +37,11 @@ from service.imaging import (
     run_length_encode,
 )
 from service.inference import Decision, InferenceRunner, ServedModel, calibrated, raw_decision
+from service.names import ModelNameParam
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.records import SegmentationObserver, SegmentationRecord, StageTimings
 from service.registry import RegistryError
-from service.uploads import ACCEPTED_MEDIA_TYPES, FILE_FIELD, MULTIPART, read_image_upload
+from service.uploads import ACCEPTED_MEDIA_TYPES, FILE_FIELD, MULTIPART, BodyLimits, read_image_upload
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,10 @@ _PROBLEM: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The mask at the input's size: a palette PNG (pixel value = class id), or JSON.",
-        "content": {"image/png": {}, "application/json": {"schema": SegmentationJson.model_json_schema()}},
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/SegmentationJson"}},
+        },
         "headers": {
             "X-Request-Id": {"schema": {"type": "string"}},
             "X-Model-Version": {"schema": {"type": "string"}},
@@ -98,9 +104,11 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         },
     },
     404: {"description": "Unknown model", **_PROBLEM},
+    408: {"description": "The body did not arrive in time (deadline, minimum rate)", **_PROBLEM},
     413: {"description": "Body over the byte limit", **_PROBLEM},
     415: {"description": "Unsupported media type", **_PROBLEM},
     422: {"description": "Undecodable or oversized image, or a bad query value", **_PROBLEM},
+    431: {"description": "Request line and headers over the byte limit", **_PROBLEM},
     503: {"description": "No model loaded, or too many requests in progress (Retry-After)", **_PROBLEM},
 }
 
@@ -260,23 +268,19 @@ async def _segment(
         png_level=settings.png_compress_level,
     )
 
-    if runner.pending >= settings.max_pending_requests:
-        raise Problem(
-            "overloaded", f"expected at most {settings.max_pending_requests} requests in progress, got more"
-        )
-    runner.pending += 1
-    try:
-        data = await read_image_upload(request, settings.max_body_bytes)
-        if runner.batching:
-            done = await _staged(job, data, runner)
-        else:
-            done = await runner.in_thread(_whole, job, data, runner, time.perf_counter())
-    except ImageTooLargeError as exc:
-        raise Problem("image-too-large", str(exc)) from exc
-    except ImageDecodeError as exc:
-        raise Problem("invalid-image", str(exc)) from exc
-    finally:
-        runner.pending -= 1
+    with upload_slot(runner, settings):
+        data = await read_image_upload(request, BodyLimits.of(settings))
+    # The work slot only now that the body is in: slow senders cannot hold it (service.admission).
+    with work_slot(runner, settings):
+        try:
+            if runner.batching:
+                done = await _staged(job, data, runner)
+            else:
+                done = await runner.in_thread(_whole, job, data, runner, time.perf_counter())
+        except ImageTooLargeError as exc:
+            raise Problem("image-too-large", str(exc)) from exc
+        except ImageDecodeError as exc:
+            raise Problem("invalid-image", str(exc)) from exc
     done.logits.setflags(write=False)
     timings = done.timings
     media = "image/png" if output == "png" else "application/json"
@@ -289,7 +293,8 @@ async def _segment(
     if use_calibration:
         headers["X-Calibration-Tau"] = f"{tau_used:g}"
     background = None
-    if observers:
+    store: FeedbackStore | None = getattr(request.app.state, "feedback_store", None)
+    if observers or store is not None:
         record = SegmentationRecord(
             request_id=request_id,
             model_name=model.name,
@@ -304,9 +309,16 @@ async def _segment(
             tau=tau_used,
             timings=timings,
         )
-        # Handed to the worker pool once the response is sent (a background task runs after the last body
-        # message), and not awaited: observers delay neither this response nor the next request.
-        background = BackgroundTask(_dispatch, runner, tuple(observers), record)
+        if store is not None:
+            # Before the response: a feedback sent the moment the client has it must find it.
+            try:
+                await runner.in_thread(store.observe, record)
+            except Exception:  # feedback is secondary: the segmentation is still answered
+                log.exception("storing the prediction for feedback failed (request id %s)", request_id)
+        if observers:
+            # Handed to the worker pool once the response is sent (a background task runs after the last
+            # body message), and not awaited: observers delay neither this response nor the next request.
+            background = BackgroundTask(_dispatch, runner, tuple(observers), record)
     return Response(content=done.body, media_type=media, headers=headers, background=background)
 
 
@@ -328,7 +340,7 @@ _DOC = (
 )
 async def segment_with_model(
     request: Request,
-    name: str,
+    name: ModelNameParam,
     registry: RegistryDep,
     runner: RunnerDep,
     settings: SettingsDep,

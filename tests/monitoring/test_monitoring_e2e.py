@@ -119,8 +119,8 @@ def serve_traffic(base: str, tables: CalibrationTables) -> Expected:
     for seed, (height, width), calibrate, feedback in TRAFFIC:
         image = scene(height, width, seed)
         masks = expected.add_request(reference_logits(image, weight, bias), tables, calibrate)
-        # One client per image: a new connection, which either worker may accept; the feedback then rides
-        # the same keep-alive connection, so it reaches the worker that holds the prediction.
+        # One client per image: a new connection, which either worker may accept; the feedback may reach
+        # either worker too (they share the state `blda serve` creates).
         with httpx.Client(base_url=base, timeout=30) as client:
             response = client.post(
                 f"/v1/models/{MODEL}/segment",

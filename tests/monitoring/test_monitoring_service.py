@@ -169,7 +169,7 @@ def test_feedback_errors_are_problem_details(client: TestClient, served) -> None
     assert unknown.status_code == 404
     assert unknown.headers["content-type"] == "application/problem+json"
     assert unknown.json()["type"] == "/problems/request-not-found"
-    assert "served by this process" in unknown.json()["detail"]
+    assert "served in the last" in unknown.json()["detail"]
 
     wrong_size = post(request_id, png(np.zeros((8, 8), np.uint8)))
     assert wrong_size.status_code == 422

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from pydantic import SecretStr, ValidationError
 from service.batching import MicroBatcher
 from service.cli import MULTIPROC_ENV, prepare_multiprocess_dir
 from service.settings import ServiceSettings, SettingsFileError, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_environment_overrides_the_file_and_arguments_override_both(
@@ -136,3 +139,47 @@ def test_the_service_imports_neither_torch_nor_onnx() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+ENVIRONMENTS = {
+    "linux-x86_64": {"sys_platform": "linux", "platform_machine": "x86_64", "platform_system": "Linux"},
+    "windows-amd64": {"sys_platform": "win32", "platform_machine": "AMD64", "platform_system": "Windows"},
+    "macos-arm64": {"sys_platform": "darwin", "platform_machine": "arm64", "platform_system": "Darwin"},
+    "macos-x86_64": {"sys_platform": "darwin", "platform_machine": "x86_64", "platform_system": "Darwin"},
+    "linux-aarch64": {"sys_platform": "linux", "platform_machine": "aarch64", "platform_system": "Linux"},
+}
+
+
+@pytest.mark.parametrize("extra", ["serve", "train"])
+@pytest.mark.parametrize("platform", list(ENVIRONMENTS))
+def test_onnxruntime_package_follows_the_platform(extra: str, platform: str) -> None:
+    """onnxruntime-gpu where PyPI has wheels for it, onnxruntime elsewhere: exactly one of the two."""
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    requirements = [Requirement(r) for r in pyproject["project"]["optional-dependencies"][extra]]
+    environment = ENVIRONMENTS[platform]
+    chosen = {
+        r.name
+        for r in requirements
+        if r.name.startswith("onnxruntime") and (r.marker is None or r.marker.evaluate(environment))
+    }
+    expected = "onnxruntime-gpu" if platform in ("linux-x86_64", "windows-amd64") else "onnxruntime"
+    assert chosen == {expected}
+
+
+def test_make_serve_installs_the_serving_extra_only(tmp_path: Path) -> None:
+    dry = subprocess.run(
+        ["make", "-n", "serve", f"VENV={tmp_path / 'v'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dry.returncode == 0, dry.stderr
+    installs = [line for line in dry.stdout.splitlines() if "pip install" in line]
+    assert installs and all(
+        "torch" not in line and "train" not in line and "dev" not in line for line in installs
+    )
+    assert any(".[serve" in line for line in installs), dry.stdout
+    assert f"{tmp_path / 'v'}-serve/bin/blda serve" in dry.stdout

@@ -15,6 +15,7 @@ from PIL import Image
 from service_helpers import ADMIN_KEY, BundleFactory, png_bytes, scene, settings_for
 
 from service.app import create_app
+from service.settings import load_settings
 
 PNG = {"content-type": "image/png"}
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -174,10 +175,18 @@ def test_admin_needs_the_key(client: TestClient, headers: dict[str, str], status
     assert client.get("/v1/models/tiny").json()["active_version"] == "2"  # nothing changed
 
 
-def test_admin_is_disabled_without_a_configured_key(models_dir: Path) -> None:
-    with TestClient(create_app(settings_for(models_dir, admin_api_key=None))) as client:
-        response = client.post("/v1/models/tiny/reload", headers={"X-API-Key": "anything"})
-        assert response.status_code == 403 and response.json()["type"] == "/problems/admin-disabled"
+@pytest.mark.parametrize("key", [None, "", "   "], ids=["unset", "empty", "blank"])
+def test_admin_is_disabled_without_a_configured_key(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch, key: str | None
+) -> None:
+    if key is not None:  # as an env file with `BLDA_ADMIN_API_KEY=` gives it
+        monkeypatch.setenv("BLDA_ADMIN_API_KEY", key)
+    settings = load_settings(models_dir=models_dir, **({} if key is not None else {"admin_api_key": None}))
+    assert settings.admin_api_key is None
+    with TestClient(create_app(settings)) as client:
+        for sent in ({"X-API-Key": "anything"}, {"X-API-Key": ""}, {}):
+            response = client.post("/v1/models/tiny/reload", headers=sent)
+            assert response.status_code == 403 and response.json()["type"] == "/problems/admin-disabled"
 
 
 def test_not_ready_until_a_bundle_loads(tmp_path: Path, make_bundle: BundleFactory) -> None:

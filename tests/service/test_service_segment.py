@@ -90,7 +90,9 @@ def test_headers_name_the_model_and_the_stages(client: TestClient) -> None:
     response = client.post(
         "/v1/segment", content=png_bytes(scene(40, 64)), headers={**PNG, "X-Request-Id": "abc-1"}
     )
-    assert response.headers["x-request-id"] == "abc-1"
+    # The id is the server's own; the client's is only echoed for correlation.
+    assert response.headers["x-client-request-id"] == "abc-1"
+    assert response.headers["x-request-id"] != "abc-1" and len(response.headers["x-request-id"]) == 32
     assert response.headers["x-model-name"] == "tiny"
     assert response.headers["x-model-version"] == "2"  # the highest version
     assert response.headers["x-calibrated"] == "true"  # the manifest's default
@@ -101,6 +103,7 @@ def test_headers_name_the_model_and_the_stages(client: TestClient) -> None:
         "/v1/segment", content=png_bytes(scene(40, 64)), headers={**PNG, "X-Request-Id": "bad id!"}
     )
     assert fresh.headers["x-request-id"] != "bad id!" and len(fresh.headers["x-request-id"]) == 32
+    assert "x-client-request-id" not in fresh.headers  # not plain: not echoed
 
 
 def test_json_format_counts_and_rle_agree_with_the_png(client: TestClient) -> None:
@@ -344,7 +347,10 @@ def test_a_server_fault_is_a_500_problem_with_the_request_id(
         response = client.post("/v1/segment", content=VALID, headers={**PNG, "X-Request-Id": "trace-500"})
     assert response.status_code == 500
     body = response.json()
-    assert body["type"] == "/problems/internal-error" and body["request_id"] == "trace-500"
+    assert (
+        body["type"] == "/problems/internal-error" and body["request_id"] == response.headers["x-request-id"]
+    )
+    assert response.headers["x-client-request-id"] == "trace-500"
     assert "device lost" not in response.text  # internals stay in the log
 
 

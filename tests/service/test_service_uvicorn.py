@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,67 +14,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import ADMIN_KEY, png_bytes, scene
-
-REPO = Path(__file__).resolve().parents[2]
-MAX_BODY = 300_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(
-    models_dir: Path, port: int, workers: int = 1, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "blda", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    command += [
-        "--workers",
-        str(workers),
-        "--models-dir",
-        str(models_dir),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
-    environment = {
-        **os.environ,
-        "BLDA_ADMIN_API_KEY": ADMIN_KEY,
-        "BLDA_DEFAULT_MODEL": "tiny",
-        "BLDA_INTRA_OP_THREADS": "1",
-        "BLDA_MAX_BODY_BYTES": str(MAX_BODY),
-        **(env or {}),
-    }
-    return subprocess.Popen(
-        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-
-
-def wait_ready(process: subprocess.Popen[bytes], base: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = process.stdout.read().decode() if process.stdout else ""
-            raise AssertionError(f"server exited with {process.returncode}:\n{output}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"server not ready within {timeout_s} s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> str:
-    process.send_signal(signal.SIGINT)
-    try:
-        output, _ = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate(timeout=10)
-    return output.decode()
+from server_helpers import MAX_BODY, REPO, free_port, start_server, stop, wait_ready
+from service_helpers import png_bytes, scene
 
 
 @pytest.fixture
@@ -176,3 +115,68 @@ def test_serve_rejects_bad_settings_in_one_line(tmp_path: Path, content: str | N
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+
+
+@pytest.mark.e2e
+def test_json_logs_have_one_line_per_request_with_its_id(models_dir: Path) -> None:
+    port = free_port()
+    process = start_server(models_dir, port, env={"BLDA_LOG_FORMAT": "json"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(process, base)
+        with httpx.Client(base_url=base, timeout=30.0) as http:
+            served = http.post(
+                "/v1/segment",
+                content=png_bytes(scene(24, 24)),
+                headers={"content-type": "image/png", "X-Request-Id": "mine"},
+            )
+            refused = http.post("/v1/segment", content=b"junk", headers={"content-type": "image/png"})
+    finally:
+        output = stop(process)
+    assert served.status_code == 200 and refused.status_code == 422
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
+    by_id = {line.get("request_id"): line for line in lines if line["logger"] == "blda.access"}
+    line = by_id[served.headers["x-request-id"]]
+    assert line["client_request_id"] == "mine" and line["route"] == "/v1/segment" and line["status"] == 200
+    assert line["model"] == "tiny" and line["version"] == "2" and line["duration_ms"] > 0
+    assert set(line["stages_ms"]) == {"decode", "infer", "calibrate", "encode"}
+    assert by_id[refused.headers["x-request-id"]]["status"] == 422
+
+
+def bad_multiproc_dirs(tmp_path: Path) -> list[tuple[str, Path]]:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    cases = [
+        ("a regular file", a_file),
+        ("below a regular file", a_file / "sub"),
+        ("in /proc", Path("/proc/blda-x")),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append(("unwritable", locked))
+    else:
+        cases.append(("unwritable", Path("/proc/self")))
+    return cases
+
+
+@pytest.mark.parametrize("case", ["a regular file", "below a regular file", "in /proc", "unwritable"])
+def test_serve_rejects_a_bad_multiprocess_dir_in_one_line(
+    tmp_path: Path, models_dir: Path, case: str
+) -> None:
+    path = dict(bad_multiproc_dirs(tmp_path))[case]
+    result = subprocess.run(
+        [sys.executable, "-m", "blda", "serve", "--workers", "2", "--models-dir", str(models_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(path)},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: PROMETHEUS_MULTIPROC_DIR: expected a"), (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
