@@ -202,6 +202,8 @@ def _pixels(logits: torch.Tensor) -> torch.Tensor:
 def _loss_inputs(logits: torch.Tensor, labels: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels at the loss resolution: upsampled logits (full) or downsampled labels."""
     if full:
+        if logits.shape[-2:] == labels.shape[-2:]:  # already upsampled (Δ at label resolution)
+            return logits, labels
         return F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False), labels
     return logits, _down_labels(labels, logits.shape[-2:])
 
