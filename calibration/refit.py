@@ -3,10 +3,15 @@ the service's live recalibration.
 
 Serving tables must describe the logits the service will see: eval-mode logits of the final model (after
 any BatchNorm re-estimation), at the resolution the decision is made. Source pairs are fitted with labels;
-target pairs with pseudo-labels that are better than the model's own argmax: per predicted class, only its
-most confident share of pixels (class-wise quantile thresholds, so that hard classes keep pseudo-labels
-too). A target row with too few pseudo-labelled pixels keeps a fallback row (the source row on export; the
-current tables' row when recalibrating live), and the report says which rows did.
+target pairs with pseudo-labels: the argmax, optionally only the most confident share of each predicted
+class's pixels (class-wise quantile thresholds, so that hard classes keep pseudo-labels too). A target row
+with too few pseudo-labelled pixels keeps a fallback row (the source row on export; the current tables'
+row when recalibrating live), and the report says which rows did.
+
+The default keeps every pixel (keep_fraction 1): on the tuning split of the synthetic benchmark the
+confident subsets describe the held-out positive logits worse (PIT deviation 0.27 at 0.5, 0.20 at 0.8,
+0.15 at 1: a confident subset's own-class logits sit above the class's typical pixel) for the same
+calibrated mIoU (within 0.1).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ class RefitConfig:
     components: int = 5
     max_samples: int = 20000  # pixels per true class fed to the EM
     # Per predicted class, the most confident share of its pixels become target pseudo-labels (1: argmax).
-    keep_fraction: float = 0.5
+    keep_fraction: float = 1.0
     # A target row (true class c) fitted from fewer pseudo-labelled pixels keeps the fallback row.
     min_row_pixels: int = 500
     num_knots: int = 256

@@ -10,7 +10,7 @@ Per benchmark (`--data`) the script
    `--eval-every` iterations (the curve: metrics.jsonl) and at the end (eval.json);
 3. evaluates every run with `blda evaluate --split tuning` at each τ of `--taus` (serving tables refitted
    on target train), and picks per variant the τ with the best mean tuning mIoU (0: calibration off);
-4. evaluates every run once on `--split val`, raw and at that τ;
+4. evaluates every run once on `--split val` (the summary reads it raw and at the tuning-chosen τ only);
 5. writes summary.json and summary.md: tuning and val mIoU (mean ± std over seeds), class-IoU std, paired
    differences against `--baseline`, the chosen τ, and which BLDA variant the tuning split picks.
 
@@ -155,13 +155,13 @@ def summarise(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
                     "val_class_iou_std": _pct(va["raw"], "iou_std") if va else None,
                     "val_miou_calibrated": _pct(_decision(va, tau)) if va else None,
                     "val_class_iou_std_calibrated": _pct(_decision(va, tau), "iou_std") if va else None,
-                    "val_pit": va.get("pit") if va else None,
+                    "val_pit_deviation": va["pit"]["mean_abs_deviation"] if va and va.get("pit") else None,
                     "curve": _curve(run),
                 }
             )
         row: dict[str, Any] = {"arm": v.arm, "settings": list(v.settings), "tau": tau, "runs": per_seed}
         for key in per_seed[0]:
-            if key.endswith(("miou", "std", "calibrated")):
+            if key.endswith(("miou", "std", "calibrated", "deviation")):
                 row[key] = _mean_std([r[key] for r in per_seed if r[key] is not None])
         rows[v.name] = row
     base = rows.get(args.baseline)
@@ -185,19 +185,15 @@ def summarise(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
 
 
 def _curve(run: Path) -> list[list[float]]:
-    """(iteration, tuning mIoU) from the training log: the mIoU against iterations."""
-    seen: dict[int, float] = {}
+    """(iteration, tuning mIoU %) of the evaluations during training (training-time BatchNorm statistics),
+    from metrics.jsonl, whose lines repeat the last evaluation: each new value is one evaluation."""
+    points: list[list[float]] = []
     log = run / "metrics.jsonl"
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            rec = json.loads(line)
-            if "miou" in rec:
-                seen.setdefault(int(rec["iteration"]) // 1, float(rec["miou"]))
-    # The value logged at an iteration is the last evaluation at or before it: keep its first appearance.
-    first: dict[float, int] = {}
-    for it in sorted(seen):
-        first.setdefault(seen[it], it)
-    return [[it, m] for m, it in sorted(first.items(), key=lambda kv: kv[1])]
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        rec = json.loads(line)
+        if "miou" in rec and (not points or points[-1][1] != 100 * rec["miou"]):
+            points.append([int(rec["iteration"]), 100 * float(rec["miou"])])
+    return points
 
 
 def _fmt(ms: list[float] | None) -> str:
@@ -207,15 +203,17 @@ def _fmt(ms: list[float] | None) -> str:
 def table(summary: dict[str, Any]) -> str:
     lines = [
         "| variant | tuning mIoU | Δ tuning vs baseline | τ (tuning) | val mIoU | val class-IoU std "
-        "| val mIoU, calibrated | Δ val vs baseline |",
-        "|---|---|---|---|---|---|---|---|",
+        "| val mIoU, calibrated at τ | val class-IoU std, calibrated | Δ val vs baseline | PIT dev. (val) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary["variants"].items():
         mark = " (chosen on tuning)" if name == summary["chosen_blda_on_tuning"] else ""
+        pit = r.get("val_pit_deviation")
         lines.append(
             f"| {name}{mark} | {_fmt(r.get('tuning_miou'))} | {_fmt(r.get('tuning_miou_vs_baseline'))} "
             f"| {r['tau']:g} | {_fmt(r.get('val_miou'))} | {_fmt(r.get('val_class_iou_std'))} "
-            f"| {_fmt(r.get('val_miou_calibrated'))} | {_fmt(r.get('val_miou_vs_baseline'))} |"
+            f"| {_fmt(r.get('val_miou_calibrated'))} | {_fmt(r.get('val_class_iou_std_calibrated'))} "
+            f"| {_fmt(r.get('val_miou_vs_baseline'))} | {'–' if pit is None else f'{pit[0]:.3f}'} |"
         )
     return "\n".join(lines)
 
@@ -224,6 +222,13 @@ def _variant_runs(args: argparse.Namespace, v: Variant) -> list[Path]:
     if v.arm == "source-only":
         return [args.out / SOURCE_RUN]
     return [args.out / f"{v.name}-s{seed}" for seed in args.seeds]
+
+
+def _plot_curves(curves: dict[str, Any], path: Path, title: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    from training.evaluation.plots import plot_curves
+
+    plot_curves(curves, path, title)
 
 
 def main() -> int:
@@ -265,20 +270,15 @@ def main() -> int:
                     jobs.append((f"train {v.name} s{seed}", cmd, run / "train.log"))
         codes = run_jobs(jobs, args.parallel)
         if not args.train_only:
-            for split, taus in (("tuning", args.taus), ("val", None)):
+            # Both splits at every τ of the grid (the tables' PIT check comes with them); the summary reads
+            # val only at the τ the tuning split chose.
+            for split in ("tuning", "val"):
                 evals = []
                 for v in variants:
-                    runs = _variant_runs(args, v)
-                    if split == "val":
-                        tuning = [_target(r / "evaluate-tuning" / "metrics.json") for r in runs]
-                        if None in tuning:
-                            continue
-                        tau = choose_tau([t for t in tuning if t], args.taus)
-                        taus = [tau] if tau > 0 else []
-                    for run in runs:
+                    for run in _variant_runs(args, v):
                         out = run / f"evaluate-{split}"
                         if (run / "checkpoint.pt").is_file() and not (out / "metrics.json").is_file():
-                            cmd = evaluate_command(run, split, list(taus or []), out, args)
+                            cmd = evaluate_command(run, split, args.taus, out, args)
                             evals.append((f"evaluate {split} {run.name}", cmd, run / f"evaluate-{split}.log"))
                 codes.update(run_jobs(evals, args.parallel))
         failed = {k: v for k, v in codes.items() if v != 0}
@@ -288,6 +288,12 @@ def main() -> int:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     text = table(summary)
     (args.out / "summary.md").write_text(text + "\n")
+    curves = {
+        name: [r["curve"] for r in row["runs"]]
+        for name, row in summary["variants"].items()
+        if row["arm"] != "source-only"
+    }
+    _plot_curves(curves, args.out / "curves.png", f"{args.data.name}: mIoU against iterations")
     print(text)
     return 0
 

@@ -100,7 +100,7 @@ def export_command(
     keep_fraction: Annotated[
         float | None,
         typer.Option(
-            help="Refit: share of each predicted class's pixels used as pseudo-labels [default: 0.5]."
+            help="Refit: share of each predicted class's pixels used as pseudo-labels [default: 1, every pixel]."
         ),
     ] = None,
     tolerance: Annotated[float, typer.Option(help="Max |torch - onnxruntime| logit difference.")] = 1e-3,
@@ -171,7 +171,7 @@ def evaluate_command(
     keep_fraction: Annotated[
         float | None,
         typer.Option(
-            help="Refit: share of each predicted class's pixels used as pseudo-labels [default: 0.5]."
+            help="Refit: share of each predicted class's pixels used as pseudo-labels [default: 1, every pixel]."
         ),
     ] = None,
     threads: Threads = 2,

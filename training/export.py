@@ -258,8 +258,8 @@ def run_export(
         target = load_split(data, "target", "train", limit)
         tables, report = fit_serving_tables(predictor_for(loaded), source, target, replace(refit, seed=seed))
         tables_from = (
-            f"refitted on {data}: eval-mode logits of source train (labels) and target train (confident "
-            f"pseudo-labels, top {refit.keep_fraction:g} per class); rows kept from source: "
+            f"refitted on {data}: eval-mode logits of source train (labels) and target train (argmax "
+            f"pseudo-labels, the most confident {refit.keep_fraction:.0%} of each class); rows kept from source: "
             f"{[int(c) for c in np.flatnonzero(report.fallback_rows)]}"
         )
     if data is not None and tables is not None and len(open_split(data, "target", "tuning")) > 0:

@@ -91,3 +91,28 @@ def _save(plt: Any, fig: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_curves(curves: dict[str, list[list[list[float]]]], path: str | Path, title: str = "") -> Path:
+    """mIoU against iterations: per variant, the mean over seeds (line) and each seed (faint), from
+    {variant: [[(iteration, mIoU %), ...] per seed]}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, runs in curves.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        iters = sorted({int(it) for r in runs for it, _ in r})
+        table = np.full((len(runs), len(iters)), np.nan)
+        for i, run in enumerate(runs):
+            for it, value in run:
+                table[i, iters.index(int(it))] = value
+        (line,) = ax.plot(iters, np.nanmean(table, axis=0), marker="o", label=f"{name} ({len(runs)} seeds)")
+        for row in table:
+            ax.plot(iters, row, color=line.get_color(), alpha=0.25, linewidth=0.8)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("target tuning mIoU (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
