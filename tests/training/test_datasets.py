@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.data.datasets import hold_out
 from training.datasets import (
     CropSpec,
     EvalImages,
@@ -15,7 +16,6 @@ from training.datasets import (
     draw_indices,
     iteration_seed,
     prescaled,
-    split_tuning,
 )
 
 
@@ -74,10 +74,10 @@ def test_prescaled_cache_round_trip(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.images.npy", "c.labels.npy"]
 
 
-def test_tuning_split_is_disjoint_and_complete() -> None:
-    train, tuning = split_tuning(100, 0.1)
+def test_held_out_split_is_disjoint_and_complete() -> None:
+    train, tuning = hold_out(100, 0.1)
     assert len(tuning) == 10 and not set(train) & set(tuning) and sorted(train + tuning) == list(range(100))
-    assert split_tuning(10, 0.0) == (list(range(10)), [])
+    assert hold_out(10, 0.0) == (list(range(10)), [])
 
 
 def test_batch_keys_depend_on_seed_iteration_and_rank() -> None:
