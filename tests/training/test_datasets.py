@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from training.data.datasets import hold_out
+from training.data.datasets import Sample, hold_out
 from training.datasets import (
     CropSpec,
     EvalImages,
@@ -19,18 +18,11 @@ from training.datasets import (
 )
 
 
-@dataclass(frozen=True)
-class _Sample:
-    image: np.ndarray
-    label: np.ndarray
-    name: str
-
-
 class _Data:
     def __init__(self, n: int = 5) -> None:
         rng = np.random.default_rng(0)
         self.items = [
-            _Sample(
+            Sample(
                 rng.integers(0, 256, (40, 80, 3)).astype(np.uint8),
                 rng.integers(0, 19, (40, 80)).astype(np.uint8),
                 str(i),
@@ -41,7 +33,7 @@ class _Data:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> _Sample:
+    def __getitem__(self, i: int) -> Sample:
         return self.items[i]
 
 
