@@ -60,12 +60,15 @@ def train(
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
         return
-    for domain in ("source", "target_train"):
-        names = class_names(sets[domain])
+    # A folder dataset declares its own classes: the head must have as many (the loss would index past it).
+    for key, domain, fmt in (
+        ("source", "source", cfg.data.source_format),
+        ("target_train", "target", cfg.data.target_format),
+    ):
+        names = class_names(sets[key])
         if names is not None and len(names) != cfg.model.num_classes:
             _fail(
-                f"model.num_classes: expected {len(names)}, the classes of the {domain.split('_')[0]} data "
-                f"({cfg.data.source_format if domain == 'source' else cfg.data.target_format}), "
+                f"model.num_classes: expected {len(names)}, the classes of the {domain} data ({fmt}), "
                 f"got {cfg.model.num_classes}"
             )
     if cfg.data.eval_split == "tuning" and len(sets["target_tuning"]) == 0:

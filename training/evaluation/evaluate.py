@@ -9,7 +9,7 @@ calibration.bias; this module only accumulates confusion matrices and formats th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,8 @@ class ModelUnderTest:
     tables: CalibrationTables | None
     class_names: list[str]
     description: dict[str, Any]
-    data_config: dict[str, Any]  # the data settings the model was trained with ({} when unknown)
+    # The data settings the model was trained with (a checkpoint's or bundle's config; {} when unknown).
+    data_config: dict[str, Any] = field(default_factory=dict)
 
 
 def open_model(
