@@ -67,13 +67,13 @@ Threads = Annotated[int, typer.Option(help="torch / onnxruntime threads.")]
 SourceFormat = Annotated[
     str | None,
     typer.Option(
-        help="Source format: gta5|synthia|cityscapes|folder [default: the checkpoint's, else gta5]."
+        help="Source format: gta5|synthia|cityscapes|folder (default: the checkpoint's, else gta5)."
     ),
 ]
 TargetFormat = Annotated[
     str | None,
     typer.Option(
-        help="Target format: gta5|synthia|cityscapes|folder [default: the checkpoint's, else cityscapes]."
+        help="Target format: gta5|synthia|cityscapes|folder (default: the checkpoint's, else cityscapes)."
     ),
 ]
 DataSet = Annotated[
@@ -213,8 +213,8 @@ def evaluate_command(
     classes: Annotated[
         int | None,
         typer.Option(
-            help="Classes the mIoU averages: 19, or the SYNTHIA protocol's 16 / 13 of a 19-way model "
-            "[default: all]; every subset's mIoU is in metrics.json."
+            help="Classes the mIoU averages (default: all): 19, or the SYNTHIA protocol's 16 / 13 of a "
+            "19-way model; every subset's mIoU is in metrics.json."
         ),
     ] = None,
     source_format: SourceFormat = None,
