@@ -15,17 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class _Sample:
-    image: np.ndarray
-    label: np.ndarray
-    name: str
+from training.data.datasets import Sample
 
 
 class _Scenes:
@@ -39,12 +33,12 @@ class _Scenes:
             label = np.kron(blocks, np.ones((32, 32), dtype=np.int64)).astype(np.uint8)
             colours = rng.integers(0, 256, size=(19, 3))
             image = (colours[label] + rng.integers(0, 30, (256, 512, 3))).clip(0, 255).astype(np.uint8)
-            self.items.append(_Sample(image, label, str(i)))
+            self.items.append(Sample(image, label, str(i)))
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> _Sample:
+    def __getitem__(self, index: int) -> Sample:
         return self.items[index]
 
 

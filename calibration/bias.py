@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from calibration.distributions import Gmm, gmm_quantile, pool_mixtures, tabulate_cdf
@@ -41,6 +43,23 @@ def iou_from_confusion(conf: np.ndarray) -> np.ndarray:
     union = conf.sum(axis=0) + conf.sum(axis=1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, tp / union, np.nan)
+
+
+def subset_mean_iou(conf: np.ndarray, classes: Sequence[int]) -> float:
+    """(C, C) confusion of a C-way model, class indices -> mean IoU over those classes (nan if none of
+    them is in the labels or predictions).
+
+    The SYNTHIA -> Cityscapes protocol: a 19-way head, each class's IoU from the full 19-way confusion (a
+    road pixel predicted as terrain still counts against road), averaged over 16 or 13 of the classes.
+    """
+    conf = np.asarray(conf)
+    c = conf.shape[0]
+    idx = np.asarray(list(classes), dtype=np.int64)
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= c:
+        raise ValueError(f"classes: expected indices in [0, {c}), got {list(classes)}")
+    iou = iou_from_confusion(conf)[idx]
+    present = ~np.isnan(iou)
+    return float(iou[present].mean()) if present.any() else float("nan")
 
 
 def bias_from_confusion(conf: np.ndarray) -> np.ndarray:

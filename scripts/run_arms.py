@@ -76,6 +76,8 @@ def evaluate_command(
     cmd += ["--split", split, "--out", str(out), "--threads", "1"]
     for tau in taus:
         cmd += ["--tau", f"{tau:g}"]
+    if args.classes is not None:  # the mIoU every choice and the summary use: 16 / 13 for SYNTHIA sources
+        cmd += ["--classes", str(args.classes)]
     return cmd
 
 
@@ -247,6 +249,12 @@ def main() -> int:
     parser.add_argument("--source-iterations", type=int, default=3000)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--taus", type=float, nargs="+", default=[0.1, 0.2, 0.4])
+    parser.add_argument(
+        "--classes",
+        type=int,
+        choices=[19, 16, 13],
+        help="classes the evaluated mIoU averages (blda evaluate)",
+    )
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--train-only", action="store_true", help="stop after training")
     parser.add_argument("--summary-only", action="store_true")

@@ -64,6 +64,37 @@ def _json_default(value: Any) -> Any:
 
 
 Threads = Annotated[int, typer.Option(help="torch / onnxruntime threads.")]
+SourceFormat = Annotated[
+    str | None,
+    typer.Option(
+        help="Source format: gta5|synthia|cityscapes|folder (default: the checkpoint's, else gta5)."
+    ),
+]
+TargetFormat = Annotated[
+    str | None,
+    typer.Option(
+        help="Target format: gta5|synthia|cityscapes|folder (default: the checkpoint's, else cityscapes)."
+    ),
+]
+DataSet = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Data setting: data.key=value (repeatable), e.g. data.target=cs; on top of the checkpoint's.",
+    ),
+]
+
+
+def _data_overrides(
+    source_format: str | None, target_format: str | None, items: list[str] | None
+) -> list[str]:
+    """The data settings of a command: --set items, then the format options (which win)."""
+    out = list(items or [])
+    if source_format is not None:
+        out.append(f"data.source_format={source_format}")
+    if target_format is not None:
+        out.append(f"data.target_format={target_format}")
+    return out
 
 
 @app.command("export")
@@ -108,6 +139,9 @@ def export_command(
     description: Annotated[str, typer.Option(help="Free text for the manifest.")] = "",
     seed: Annotated[int, typer.Option(help="Seed of --untrained initialisation.")] = 0,
     threads: Threads = 2,
+    source_format: SourceFormat = None,
+    target_format: TargetFormat = None,
+    set_: DataSet = None,
 ) -> None:
     """Export a model to a bundle: ONNX (checked, parity-tested), calibration tables, manifest."""
     size: tuple[int, int] | str | None = "auto" if input_size == "auto" else _parse_size(input_size)
@@ -133,6 +167,7 @@ def export_command(
             description=description,
             seed=seed,
             threads=threads,
+            data_overrides=_data_overrides(source_format, target_format, set_),
         )
     typer.echo(json.dumps(result, indent=2))
 
@@ -175,6 +210,16 @@ def evaluate_command(
         ),
     ] = None,
     threads: Threads = 2,
+    classes: Annotated[
+        int | None,
+        typer.Option(
+            help="Classes the mIoU averages (default: all): 19, or the SYNTHIA protocol's 16 / 13 of a "
+            "19-way model; every subset's mIoU is in metrics.json."
+        ),
+    ] = None,
+    source_format: SourceFormat = None,
+    target_format: TargetFormat = None,
+    set_: DataSet = None,
 ) -> None:
     """mIoU, per-class IoU, class-IoU std and Bias(l), raw and calibrated at each τ (τ = 0: raw only), and
     the PIT check of the tables on the evaluated split; JSON + PNG."""
@@ -199,6 +244,8 @@ def evaluate_command(
             threads=threads,
             tables=tables,
             refit=_refit_config(keep_fraction),
+            classes=classes,
+            data_overrides=_data_overrides(source_format, target_format, set_),
         )
     _print_summary(metrics)
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'metrics.png'}")
@@ -209,7 +256,10 @@ def _print_summary(metrics: dict[str, Any]) -> None:
     from rich.table import Table
 
     target = metrics["target"]
-    table = Table(title=f"target {metrics['split']} ({target['num_images']} images)")
+    table = Table(
+        title=f"target {metrics['split']} ({target['num_images']} images, "
+        f"mIoU over {metrics['classes_averaged']} classes)"
+    )
     table.add_column("variant")
     for col in ("mIoU", "IoU std", "pixel acc"):
         table.add_column(col, justify="right")
@@ -245,6 +295,9 @@ def diagnose_command(
     ] = 600,
     seed: Annotated[int, typer.Option(help="Seed of the source-only training when no checkpoint.")] = 0,
     threads: Threads = 2,
+    source_format: SourceFormat = None,
+    target_format: TargetFormat = None,
+    set_: DataSet = None,
 ) -> None:
     """Is the benchmark a real problem? Source-only model on target val: mIoU, per-class IoU and Bias(l),
     and the rank correlation between Bias(l) and the label-free positive/negative logit spread."""
@@ -260,6 +313,7 @@ def diagnose_command(
             iterations=iterations,
             seed=seed,
             threads=threads,
+            data_overrides=_data_overrides(source_format, target_format, set_),
         )
     print_report(report)
     typer.echo(f"wrote {out / 'diagnose.json'} and {out / 'diagnose.png'}")

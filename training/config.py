@@ -20,10 +20,21 @@ class ConfigError(ValueError):
     """A bad configuration value; str() names the key (and the file, when there is one)."""
 
 
+# The dataset formats a domain can be read in (training.data.datasets.FORMATS opens them; a test keeps the
+# two lists equal, so this module stays free of the readers' imports).
+DATA_FORMATS = ("gta5", "synthia", "cityscapes", "folder")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "source"  # sub-folder of --data holding the labelled source domain (GTA5 layout)
-    target: str = "target"  # sub-folder of --data: the target domain (Cityscapes layout, train/val)
+    # Each domain is a folder under --data (or an absolute path) in one of DATA_FORMATS. Formats without
+    # splits (gta5, synthia) keep the source's held-out val split in a sibling folder named <folder>_val.
+    source: str = "source"  # the labelled source domain
+    target: str = "target"  # the target domain (train, with the tuning split carved out of it, and val)
+    source_format: str = "gta5"
+    target_format: str = "cityscapes"
+    # The folder format without splits/{train,val}.txt: every round(1 / val_fraction)-th pair is val.
+    val_fraction: float = 0.2
     crop_height: int = 128
     crop_width: int = 256
     # Images are rescaled by a random factor in [scale_min, scale_max] before cropping (the synthetic
@@ -275,9 +286,40 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _data_checks(data: DataConfig) -> list[tuple[bool, str]]:
+    return [
+        (
+            data.source_format in DATA_FORMATS,
+            f"data.source_format: expected one of {list(DATA_FORMATS)}, got {data.source_format!r}",
+        ),
+        (
+            data.target_format in DATA_FORMATS,
+            f"data.target_format: expected one of {list(DATA_FORMATS)}, got {data.target_format!r}",
+        ),
+        (bool(data.source), "data.source: expected a folder name, got ''"),
+        (bool(data.target), "data.target: expected a folder name, got ''"),
+        (0 <= data.val_fraction < 1, f"data.val_fraction: expected in [0, 1), got {data.val_fraction}"),
+    ]
+
+
+def data_config(base: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()) -> DataConfig:
+    """A DataConfig from a stored one (a checkpoint's or a bundle's `config["data"]`; defaults when None)
+    with `key=value` or `data.key=value` overrides applied, type-checked and validated: what `blda
+    evaluate`, `export` and `diagnose` read the data with."""
+    cfg = _apply(DataConfig(), base or {}, "data.", "config: ")
+    items = [item if item.startswith("data.") else f"data.{item}" for item in overrides]
+    nested = parse_overrides(items).get("data", {})
+    cfg = _apply(cfg, nested, "data.", "--set ")
+    for ok, message in _data_checks(cfg):
+        if not ok:
+            raise ConfigError(message)
+    return cfg
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     checks: list[tuple[bool, str]] = [
         (cfg.arm in ARMS, f"arm: expected one of {sorted(ARMS)}, got {cfg.arm!r}"),
+        *_data_checks(cfg.data),
         (cfg.data.crop_height > 0 and cfg.data.crop_width > 0, "data.crop_*: expected positive sizes"),
         (
             0 < cfg.data.scale_min <= cfg.data.scale_max,

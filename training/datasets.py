@@ -18,15 +18,15 @@ import torch
 from PIL import Image
 
 from calibration.labels import IGNORE_INDEX
+from training.config import DataConfig
+from training.data.datasets import FORMATS, Sample, hold_out, open_dataset
 from training.networks import images_to_tensor
 
 
-class NumpySample(Protocol):
-    image: np.ndarray  # (H, W, 3) uint8
-    label: np.ndarray | None  # (H, W) uint8 train ids
-
-
 class NumpyDataset(Protocol):
+    """What the training code reads: a sized sequence of `Sample`s (the readers of training.data.datasets,
+    a Subset of one, or an ArrayDataset)."""
+
     def __len__(self) -> int: ...
     def __getitem__(self, index: int) -> Any: ...
 
@@ -157,16 +157,6 @@ class Subset:
         return self.base[self.indices[index]]
 
 
-def split_tuning(n: int, fraction: float) -> tuple[list[int], list[int]]:
-    """Deterministic split of target train: (training indices, held-out tuning indices), every k-th image."""
-    if fraction <= 0 or n < 2:
-        return list(range(n)), []
-    step = max(2, round(1 / fraction))
-    tuning = list(range(step - 1, n, step))
-    held = set(tuning)
-    return [i for i in range(n) if i not in held], tuning
-
-
 def iteration_seed(seed: int, iteration: int, rank: int, stream: int) -> int:
     """A 63-bit seed for one (run, iteration, process, purpose)."""
     ss = np.random.SeedSequence([seed, iteration, rank, stream])
@@ -194,27 +184,6 @@ def source_class_counts(dataset: NumpyDataset, num_classes: int) -> np.ndarray:
     return dataset_class_counts(labels, num_classes)
 
 
-def open_domains(data_dir: str | Path, source: str, target: str, tuning_fraction: float) -> dict[str, Any]:
-    """The numpy datasets of a run: source (GTA5 layout), target train minus the tuning split, the tuning
-    split and target val (Cityscapes layout), under data_dir. Errors name the missing folder."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: expected a data folder (see `blda synth`), got no such folder")
-    return {
-        "source": open_split(root, "source", "train", folder=source),
-        "target_train": open_split(root, "target", "train", tuning_fraction, folder=target),
-        "target_tuning": open_split(root, "target", "tuning", tuning_fraction, folder=target),
-        "target_val": open_split(root, "target", "val", folder=target),
-    }
-
-
-@dataclass(frozen=True)
-class ArraySample:
-    image: np.ndarray  # (H, W, 3) uint8
-    label: np.ndarray  # (H, W) uint8
-    name: str
-
-
 class ArrayDataset:
     """Samples held in two arrays (memory-mapped from a cache file)."""
 
@@ -227,8 +196,8 @@ class ArrayDataset:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def __getitem__(self, index: int) -> ArraySample:
-        return ArraySample(np.asarray(self.images[index]), np.asarray(self.labels[index]), str(index))
+    def __getitem__(self, index: int) -> Sample:
+        return Sample(np.asarray(self.images[index]), np.asarray(self.labels[index]), str(index))
 
     def label(self, index: int) -> np.ndarray:
         return np.asarray(self.labels[index])
@@ -257,43 +226,63 @@ def prescaled(dataset: NumpyDataset, scale: float, cache: Path, labelled: bool =
     return ArrayDataset(images, labels)
 
 
-# Sub-folders of a data root as `blda synth` writes them (and where real datasets go): the source domain in
-# the GTA5 layout (train and a held-out val), the target domain in the Cityscapes layout (train/val splits).
-SOURCE_DIRS = {"train": "source", "val": "source_val"}
-TARGET_DIR = "target"
 # Target splits: "train" is target train less the tuning split (what adaptation and table fits see),
 # "tuning" the held-out part of target train (every choice), "val" the reported split.
-TARGET_SPLITS = ("train", "tuning", "val")
+TARGET_SPLITS: tuple[str, ...] = ("train", "tuning", "val")
+SOURCE_SPLITS: tuple[str, ...] = ("train", "val")
 
 
-def open_split(
-    data: str | Path, domain: str, split: str, tuning_fraction: float = 0.1, folder: str | None = None
-) -> Any:
-    """The dataset of `domain` ("source" or "target") and `split` under `data` (in `folder` instead of the
-    domain's default sub-folder): the one opener of `blda train`, `evaluate`, `export` and `diagnose`.
-    Errors name the folder and what was expected."""
-    from training.data.datasets import CityscapesDataset, Gta5Dataset
-
-    root = Path(data)
+def open_split(data: str | Path, domain: str, split: str, config: DataConfig | None = None) -> Any:
+    """The dataset of `domain` ("source" or "target") and `split` under the data root `data`, in the folder
+    and format `config` names for that domain (data.source / data.source_format, data.target /
+    data.target_format; defaults: GTA5 in source/, Cityscapes in target/): the one opener of `blda train`,
+    `evaluate`, `export` and `diagnose`. Errors name the folder or file and what was expected."""
+    cfg = config if config is not None else DataConfig()
     if domain == "source":
-        if split not in SOURCE_DIRS:
-            raise ValueError(f"split: expected one of {sorted(SOURCE_DIRS)} for the source, got {split!r}")
-        return Gta5Dataset(root / (folder if folder and split == "train" else SOURCE_DIRS[split]))
-    if domain != "target":
+        splits, folder, fmt = SOURCE_SPLITS, cfg.source, cfg.source_format
+    elif domain == "target":
+        splits, folder, fmt = TARGET_SPLITS, cfg.target, cfg.target_format
+    else:
         raise ValueError(f"domain: expected 'source' or 'target', got {domain!r}")
-    if split not in TARGET_SPLITS:
-        raise ValueError(f"split: expected one of {list(TARGET_SPLITS)} for the target, got {split!r}")
-    target_root = root / (folder or TARGET_DIR)
-    if split == "val":
-        return CityscapesDataset(target_root, split="val")
-    everything = CityscapesDataset(target_root, split="train")
-    train_idx, tuning_idx = split_tuning(len(everything), tuning_fraction)
+    if split not in splits:
+        raise ValueError(f"split: expected one of {list(splits)} for the {domain}, got {split!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"data.{domain}_format: expected one of {sorted(FORMATS)}, got {fmt!r}")
+    root = Path(data) / folder  # an absolute folder replaces the data root
+    if domain == "source" or split == "val":
+        return open_dataset(fmt, root, split, cfg.val_fraction)
+    everything = open_dataset(fmt, root, "train", cfg.val_fraction)
+    train_idx, tuning_idx = hold_out(len(everything), cfg.tuning_fraction)
     return Subset(everything, train_idx if split == "train" else tuning_idx)
 
 
-def load_split(data: str | Path, domain: str, split: str, limit: int = 0) -> Iterable[Any]:
+def open_domains(data_dir: str | Path, config: DataConfig | None = None) -> dict[str, Any]:
+    """The numpy datasets of a run (open_split): source train, target train minus the tuning split, the
+    tuning split and target val. Errors name the missing folder."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: expected a data folder (see `blda synth`), got no such folder")
+    return {
+        "source": open_split(root, "source", "train", config),
+        "target_train": open_split(root, "target", "train", config),
+        "target_tuning": open_split(root, "target", "tuning", config),
+        "target_val": open_split(root, "target", "val", config),
+    }
+
+
+def class_names(dataset: Any) -> tuple[str, ...] | None:
+    """The class names a dataset declares (a reader's, or the base's of a Subset); None when it has none."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.base
+    names = getattr(dataset, "class_names", None)
+    return tuple(names) if names is not None else None
+
+
+def load_split(
+    data: str | Path, domain: str, split: str, limit: int = 0, config: DataConfig | None = None
+) -> Iterable[Sample]:
     """Samples of `domain` and `split` under `data` (open_split), at most `limit` evenly spaced ones (0: all)."""
-    dataset = open_split(data, domain, split)
+    dataset = open_split(data, domain, split, config)
     n = len(dataset)
     picks = range(n) if limit <= 0 or limit >= n else np.linspace(0, n - 1, limit).round().astype(int)
     return (dataset[int(i)] for i in picks)

@@ -26,6 +26,7 @@ from calibration.bundle import (
 )
 from calibration.refit import RefitConfig
 from calibration.tables import CalibrationTables, pit_check
+from training.config import DataConfig
 from training.data.classes import CLASSES
 from training.datasets import load_split, open_split
 from training.evaluation.evaluate import accumulate_confusions, class_metrics
@@ -224,14 +225,19 @@ def run_export(
     threads: int = 2,
     tables_from_checkpoint: bool = False,
     refit: RefitConfig = RefitConfig(),
+    data_overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`blda export`: returns a summary (bundle path, parity errors, sizes, where the tables came from).
 
     With `data`, the serving tables are refitted on the final model's eval-mode logits (after AdaBN) and
     τ and the bundle's calibration default are chosen on the target tuning split: calibration is on by
     default only when it raised tuning mIoU there. Without `data` (or with `tables_from_checkpoint`), the
-    checkpoint's training-time GMM tables ship, off by default (nothing justifies turning them on)."""
+    checkpoint's training-time GMM tables ship, off by default (nothing justifies turning them on).
+    The data are read as the checkpoint's data config says (defaults when unknown), with `data_overrides`
+    ("key=value") on top."""
     import json
+
+    from training.config import data_config
 
     torch.set_num_threads(threads)
     if untrained:
@@ -246,24 +252,27 @@ def run_export(
         if checkpoint is None:
             raise ExportError("expected --checkpoint CKPT (or --untrained --network NAME)")
         loaded = load_model(checkpoint, network, teacher)
+    stored = loaded.config.get("data")
+    data_cfg = data_config(stored if isinstance(stored, dict) else None, data_overrides)
     if isinstance(input_size, str):
         if input_size != "auto":
             raise ExportError(f"input size: expected HxW, 'none' or 'auto', got {input_size!r}")
-        input_size = auto_input_size(loaded, data)
+        input_size = auto_input_size(loaded, data, data_cfg)
     tables, tables_from = loaded.tables, "checkpoint GMM state" if loaded.tables is not None else "none"
     data_desc: dict[str, Any] = {}
     choice: dict[str, Any] = {"enabled": False, "tau": float(taus[0]) if taus else 0.2}
     if data is not None and not (tables_from_checkpoint and tables is not None):
-        source = load_split(data, "source", "train", limit)
-        target = load_split(data, "target", "train", limit)
+        source = load_split(data, "source", "train", limit, data_cfg)
+        target = load_split(data, "target", "train", limit, data_cfg)
         tables, report = fit_serving_tables(predictor_for(loaded), source, target, replace(refit, seed=seed))
         tables_from = (
             f"refitted on {data}: eval-mode logits of source train (labels) and target train (argmax "
             f"pseudo-labels, the most confident {refit.keep_fraction:.0%} of each class); rows kept from source: "
             f"{[int(c) for c in np.flatnonzero(report.fallback_rows)]}"
         )
-    if data is not None and tables is not None and len(open_split(data, "target", "tuning")) > 0:
-        choice = choose_calibration(predictor_for(loaded), load_split(data, "target", "tuning"), tables, taus)
+    if data is not None and tables is not None and len(open_split(data, "target", "tuning", data_cfg)) > 0:
+        tuning = load_split(data, "target", "tuning", 0, data_cfg)
+        choice = choose_calibration(predictor_for(loaded), tuning, tables, taus)
     elif data is not None and tables is not None:
         choice["reason"] = "no target tuning images to measure it on: off by default"
     elif tables is not None:
@@ -295,8 +304,8 @@ def run_export(
         input_size=input_size,
         tau=choice["tau"],
         calibrate_default=bool(choice["enabled"]),
-        source_domain="source (GTA5 layout)" if tables is not None else "",
-        target_domain="target (Cityscapes layout)" if tables is not None else "",
+        source_domain=f"{data_cfg.source} ({data_cfg.source_format} layout)" if tables is not None else "",
+        target_domain=f"{data_cfg.target} ({data_cfg.target_format} layout)" if tables is not None else "",
         config=_jsonable(config),
         data=_jsonable(data_desc),
         metrics=_jsonable(metrics),
@@ -349,15 +358,15 @@ def choose_calibration(
     }
 
 
-def auto_input_size(loaded: LoadedModel, data: Path | None) -> tuple[int, int]:
+def auto_input_size(
+    loaded: LoadedModel, data: Path | None, data_cfg: DataConfig | None = None
+) -> tuple[int, int]:
     """The size the model was evaluated at in training: the data's image size (the first target val
     image under `data`, else the benchmark's default) times the evaluation scale, rounded to a multiple of
     MULTIPLE_OF."""
-    from training.config import DataConfig
-
     height, width = BENCHMARK_IMAGE_SIZE
     if data is not None:
-        first = next(iter(load_split(data, "target", "val", 1)), None)
+        first = next(iter(load_split(data, "target", "val", 1, data_cfg)), None)
         if first is not None:
             height, width = first.image.shape[:2]
     scale = loaded.eval_scale if loaded.eval_scale is not None else DataConfig().eval_scale

@@ -11,7 +11,8 @@ import numpy as np
 from calibration.labels import IGNORE_INDEX
 from calibration.refit import RefitConfig, RefitReport, refit_tables
 from calibration.tables import CalibrationTables
-from training.evaluation.predictors import LabelledSample, Predictor, upsample_logits
+from training.data.datasets import Sample
+from training.evaluation.predictors import Predictor, upsample_logits
 
 
 class PixelSampler:
@@ -43,7 +44,7 @@ class PixelSampler:
 
 def sample_logits(
     predictor: Predictor,
-    samples: Iterable[LabelledSample],
+    samples: Iterable[Sample],
     sampler: PixelSampler,
     labelled: bool = True,
 ) -> int:
@@ -62,7 +63,7 @@ def sample_logits(
 
 def fit_serving_tables(
     predictor: Predictor,
-    source: Iterable[LabelledSample],
+    source: Iterable[Sample],
     target: Iterable[Any],
     config: RefitConfig = RefitConfig(),
     pixels_per_image: int = 4096,

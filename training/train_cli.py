@@ -18,7 +18,13 @@ def _fail(message: str) -> None:
 @app.command("train")
 def train(
     arm: Annotated[str, typer.Option(help="source-only | self-training | blda")],
-    data: Annotated[Path, typer.Option(help="Data folder (source/ GTA5 layout, target/ Cityscapes layout).")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Data root: data.source in data.source_format (default source/, GTA5), data.target in "
+            "data.target_format (default target/, Cityscapes); formats gta5|synthia|cityscapes|folder."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoint.pt, metrics.jsonl, eval.json).")],
     config: Annotated[Path | None, typer.Option(help="TOML or JSON file of settings.")] = None,
     set_: Annotated[
@@ -45,15 +51,26 @@ def train(
 
     import torch
 
-    from training.datasets import open_domains
+    from training.datasets import class_names, open_domains
     from training.uda.loop import Domains, run_training
 
     torch.set_num_threads(max(1, threads))
     try:
-        sets = open_domains(data, cfg.data.source, cfg.data.target, cfg.data.tuning_fraction)
+        sets = open_domains(data, cfg.data)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
         return
+    # A folder dataset declares its own classes: the head must have as many (the loss would index past it).
+    for key, domain, fmt in (
+        ("source", "source", cfg.data.source_format),
+        ("target_train", "target", cfg.data.target_format),
+    ):
+        names = class_names(sets[key])
+        if names is not None and len(names) != cfg.model.num_classes:
+            _fail(
+                f"model.num_classes: expected {len(names)}, the classes of the {domain} data ({fmt}), "
+                f"got {cfg.model.num_classes}"
+            )
     if cfg.data.eval_split == "tuning" and len(sets["target_tuning"]) == 0:
         _fail("data.eval_split: expected a tuning split, got data.tuning_fraction = 0")
     evaluation = sets["target_tuning"] if cfg.data.eval_split == "tuning" else sets["target_val"]

@@ -14,6 +14,7 @@ from calibration.bias import (
     confusion_matrix,
     iou_from_confusion,
     label_free_bias,
+    subset_mean_iou,
 )
 from calibration.distributions import Gmm, fit_pair_gmms
 
@@ -83,3 +84,22 @@ def test_anchor_distance_is_wasserstein_1() -> None:
     wide = Gmm(np.array([1.0]), np.array([0.0]), np.array([2.0]))
     # W1(N(0,1), N(0,4)) = E|Z| * (2 - 1) = sqrt(2/pi).
     assert anchor_distance(wide, anchor) == pytest.approx(np.sqrt(2 / np.pi), rel=0.01)
+
+
+def test_subset_mean_iou_by_hand() -> None:
+    conf = np.array(
+        [
+            [3, 1, 0, 0, 0],
+            [0, 2, 0, 2, 0],
+            [1, 0, 4, 0, 0],
+            [0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0],
+        ]
+    )
+    # IoU = tp / (row + column - tp): 3/5, 2/5, 4/5, 0/2 (predicted, never labelled), nan (class 4 absent)
+    assert subset_mean_iou(conf, [0, 2]) == pytest.approx(0.7)
+    assert subset_mean_iou(conf, [1, 3]) == pytest.approx(0.2)
+    assert subset_mean_iou(conf, [0, 1, 2, 3, 4]) == pytest.approx(0.45)  # the absent class is skipped
+    assert np.isnan(subset_mean_iou(conf, [4]))
+    with pytest.raises(ValueError, match=r"classes: expected indices in \[0, 5\), got \[5\]"):
+        subset_mean_iou(conf, [5])

@@ -117,3 +117,20 @@ def test_positive_quantile_is_uniform_without_drift() -> None:
     u = positive_quantile(z, labels.reshape(-1), t)
     hist = np.histogram(u, bins=10, range=(0, 1))[0] / u.size
     np.testing.assert_allclose(hist, 0.1, atol=0.02)
+
+
+def test_classes_absent_from_the_labels_get_zero_shift_rows() -> None:
+    """A source with fewer classes (SYNTHIA's 16 of 19): the pairs of a class never labelled have count 0
+    and their rows of the shift tables are exactly 0, on the source and on the target side."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, C, (2, 20, 30))
+    labels[labels == 2] = 0  # class 2 never labelled
+    logits = rng.normal(0, 1, (2, C, 20, 30)) + 5 * np.eye(C)[labels].transpose(0, 3, 1, 2)
+    pairs, counts = fit_pair_gmms(logits, labels, C, k=2)
+    assert (counts[2] == 0).all() and (counts[[0, 1, 3, 4]] > 0).all()
+    for built in (
+        build_calibration_tables(pairs, counts, num_knots=32),
+        build_calibration_tables(*_pairs(0), pairs, counts, num_knots=32),
+    ):
+        assert np.count_nonzero(built.shifts.delta[2]) == 0
+        assert np.count_nonzero(built.shifts.delta[[0, 1, 3, 4]]) > 0

@@ -157,3 +157,36 @@ def test_config_validation():
         ShiftConfig(strength=-1)
     with pytest.raises(ValueError, match=r"SynthConfig\.val_count: expected >= 0, got -2"):
         SynthConfig(val_count=-2)
+
+
+def test_synthia_layout_writes_16_bit_synthia_ids_of_its_16_classes(tmp_path):
+    from training.data.classes import SYNTHIA_16_TRAIN_IDS, SYNTHIA_TO_TRAIN
+    from training.data.datasets import SynthiaDataset
+    from training.data.png16 import png_header, read_png16
+
+    info = generate(_config(source_layout="synthia"), tmp_path / "syn", workers=1)
+    generate(_config(), tmp_path / "gta", workers=1)
+    src = tmp_path / "syn" / "source"
+    assert sorted(p.name for p in (src / "RGB").iterdir()) == ["0000000.png", "0000001.png", "0000002.png"]
+    assert [p.name for p in (tmp_path / "syn" / "source_val" / "GT" / "LABELS").iterdir()] == ["0000000.png"]
+    label_file = src / "GT" / "LABELS" / "0000001.png"
+    assert png_header(label_file)[2:] == (16, 2)  # 16-bit RGB, as SYNTHIA ships
+    stored = read_png16(label_file)
+    assert (stored[..., 1:] == 0).all()
+    ids = set(np.unique(stored[..., 0]).tolist())
+    synthia_of = {t: s for s, t in SYNTHIA_TO_TRAIN.items()}
+    allowed = {0} | {synthia_of[t] for t in SYNTHIA_16_TRAIN_IDS}
+    assert ids <= allowed and len(ids) > 3
+    # Same scene as the GTA5 layout; the classes SYNTHIA lacks (terrain, truck, train) became void.
+    gta = Gta5Dataset(tmp_path / "gta" / "source")[1].label
+    syn = SynthiaDataset(src)[1].label
+    expected = np.where(np.isin(gta, SYNTHIA_16_TRAIN_IDS), gta, 255)
+    np.testing.assert_array_equal(syn, expected)
+    assert (gta == TRAIN_ID["terrain"]).any() or (gta == TRAIN_ID["truck"]).any()  # something was dropped
+    freqs = info["class_frequencies"]["source/train"]
+    assert freqs["terrain"] == freqs["truck"] == freqs["train"] == 0.0 and info["source_layout"] == "synthia"
+
+
+def test_unknown_source_layout_lists_the_options():
+    with pytest.raises(ValueError, match=r"source_layout: expected one of \['gta5', 'synthia'\], got 'coco'"):
+        _config(source_layout="coco")

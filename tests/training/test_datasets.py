@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from training.data.datasets import Sample, hold_out
 from training.datasets import (
     CropSpec,
     EvalImages,
@@ -15,22 +15,14 @@ from training.datasets import (
     draw_indices,
     iteration_seed,
     prescaled,
-    split_tuning,
 )
-
-
-@dataclass(frozen=True)
-class _Sample:
-    image: np.ndarray
-    label: np.ndarray
-    name: str
 
 
 class _Data:
     def __init__(self, n: int = 5) -> None:
         rng = np.random.default_rng(0)
         self.items = [
-            _Sample(
+            Sample(
                 rng.integers(0, 256, (40, 80, 3)).astype(np.uint8),
                 rng.integers(0, 19, (40, 80)).astype(np.uint8),
                 str(i),
@@ -41,7 +33,7 @@ class _Data:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> _Sample:
+    def __getitem__(self, i: int) -> Sample:
         return self.items[i]
 
 
@@ -74,10 +66,10 @@ def test_prescaled_cache_round_trip(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.images.npy", "c.labels.npy"]
 
 
-def test_tuning_split_is_disjoint_and_complete() -> None:
-    train, tuning = split_tuning(100, 0.1)
+def test_held_out_split_is_disjoint_and_complete() -> None:
+    train, tuning = hold_out(100, 0.1)
     assert len(tuning) == 10 and not set(train) & set(tuning) and sorted(train + tuning) == list(range(100))
-    assert split_tuning(10, 0.0) == (list(range(10)), [])
+    assert hold_out(10, 0.0) == (list(range(10)), [])
 
 
 def test_batch_keys_depend_on_seed_iteration_and_rank() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from scipy.stats import spearmanr
 from typer.testing import CliRunner
 
+from training.data.datasets import Sample
 from training.evaluation.diagnose import diagnose, spearman
 from training.evaluation.evaluate import evaluate
 from training.evaluation.predictors import TorchPredictor
@@ -22,13 +22,6 @@ from training.networks import build_network
 def _one_thread() -> None:
     # The machine is shared: two spinning threads on two busy cores stall far more than one.
     torch.set_num_threads(1)
-
-
-@dataclass(frozen=True)
-class Sample:
-    image: np.ndarray
-    label: np.ndarray
-    name: str
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 
 from calibration.distributions import fit_pair_gmms
 from calibration.tables import build_calibration_tables
-from training.evaluation.evaluate import accumulate_confusions, class_metrics, evaluate
+from training.data.classes import SUBSETS
+from training.data.datasets import Sample
+from training.evaluation.evaluate import accumulate_confusions, class_metrics, class_subset, evaluate
 from training.evaluation.predictors import upsample_logits
 from training.tables import PixelSampler
 
@@ -19,13 +19,6 @@ from training.tables import PixelSampler
 def _one_thread() -> None:
     # The machine is shared: two spinning threads on two busy cores stall far more than one.
     torch.set_num_threads(1)
-
-
-@dataclass(frozen=True)
-class Sample:
-    image: np.ndarray  # (H, W, 3) uint8
-    label: np.ndarray  # (H, W) uint8
-    name: str
 
 
 def one_hot_predictor(num_classes: int):
@@ -149,3 +142,34 @@ def test_resizing_predictor_feeds_the_model_the_resized_image() -> None:
     assert m["raw"]["iou"] == [1.0, None]
     with pytest.raises(ValueError, match="exactly one"):
         ResizingPredictor(inner)
+
+
+def test_synthia_subset_mious_from_one_confusion_by_hand() -> None:
+    """19-way confusion: road 10 right and 2 as terrain, wall 5 right and 5 as road, nothing else. IoU(road)
+    = 10 / (12 + 15 - 10), IoU(wall) = 5 / (10 + 5 - 5), IoU(terrain) = 0 (predicted, never labelled)."""
+    from training.data.classes import TRAIN_ID
+
+    road, wall, terrain = TRAIN_ID["road"], TRAIN_ID["wall"], TRAIN_ID["terrain"]
+    conf = np.zeros((19, 19), np.int64)
+    conf[road, road], conf[road, terrain] = 10, 2
+    conf[wall, wall], conf[wall, road] = 5, 5
+    iou_road, iou_wall = 10 / 17, 0.5
+    all19 = class_metrics(conf)
+    assert all19["miou"] == pytest.approx((iou_road + iou_wall + 0) / 3)
+    by = all19["miou_by_classes"]
+    assert by["19"] == pytest.approx((iou_road + iou_wall) / 3)
+    assert by["16"] == pytest.approx((iou_road + iou_wall) / 2)  # terrain is not among SYNTHIA's 16
+    assert by["13"] == pytest.approx(iou_road)  # nor wall among the 13
+    sub = class_metrics(conf, SUBSETS[16])
+    assert sub["miou"] == pytest.approx(by["16"]) and sub["iou_std"] == pytest.approx(abs(iou_road - 0.5) / 2)
+    assert len(sub["iou"]) == 19  # per-class IoUs stay 19-way
+    assert class_metrics(np.eye(3, dtype=np.int64))["miou_by_classes"] == {}
+
+
+def test_class_subset_needs_a_19_class_model() -> None:
+    assert class_subset(None, 6) is None and class_subset(19, 19) is None
+    assert class_subset(13, 19) == SUBSETS[13]
+    with pytest.raises(ValueError, match=r"--classes: expected one of \[13, 16, 19\], got 12"):
+        class_subset(12, 19)
+    with pytest.raises(ValueError, match=r"--classes 16: expected a 19-class model .* got 6 classes"):
+        class_subset(16, 6)

@@ -14,6 +14,7 @@ from scipy.special import ndtr
 
 from calibration.alignment import ShiftTables, build_shift_tables, calibrated_decision, shift_values
 from calibration.distributions import Gmm, pool_mixtures
+from calibration.tables import build_calibration_tables
 from training.uda.gmm import (
     GmmState,
     OnlineGmmConfig,
@@ -301,3 +302,35 @@ def test_calibrated_scores_match_a_slow_loop_and_the_core_decision() -> None:
     np.testing.assert_allclose(
         np.take_along_axis(top2, raw_top2, 1), np.take_along_axis(scores, raw_top2, 1), rtol=1e-6
     )
+
+
+def test_a_source_without_some_classes_leaves_their_rows_empty_and_unshifted() -> None:
+    """SYNTHIA has no terrain, truck or train: with a 19-way head those rows of the source GMMs are never
+    estimated, and both the training-time tables and the exported numpy tables shift them by exactly 0."""
+    c, k, missing = 5, 3, [1, 3]
+    state = GmmState.empty(c, k)
+    cfg = OnlineGmmConfig(components=k, min_pixels=1)
+    g = torch.Generator().manual_seed(0)
+    for it in range(4):
+        z, y = _logits(it, c=c)
+        y[(y == 1) | (y == 3)] = 255  # the source never labels classes 1 and 3
+        state = update_gmm(state, z, y, it, cfg, g)
+    present = [i for i in range(c) if i not in missing]
+    assert not state.initialized[missing].any() and state.initialized[present].all()
+    assert float(state.counts[missing].sum()) == 0.0
+    # the logits of the missing classes are still seen on the other classes' pixels (their columns)
+    assert state.initialized[present][:, missing].all()
+
+    table = build_shift_table(state, build_anchors(state), num_knots=64, eps=0.01)
+    assert torch.count_nonzero(table.delta[missing]) == 0
+    assert torch.count_nonzero(table.delta[present]) > 0
+    z, _ = _logits(9, p=64, c=c)
+    logits = z.T.reshape(1, c, 8, 8)
+    labels = torch.full((1, 8, 8), 3)
+    assert torch.count_nonzero(shift_for_labels(logits, labels, table)) == 0
+
+    w, m, s, counts = to_numpy_gmm(state)
+    assert (counts[missing] == 0).all()
+    core = build_calibration_tables(Gmm(w, m, s), counts, num_knots=64)
+    assert np.count_nonzero(core.shifts.delta[missing]) == 0
+    assert np.count_nonzero(core.shifts.delta[present]) > 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +13,8 @@ from typer.testing import CliRunner
 
 from training.checkpoint import calibration_gmms, load_checkpoint
 from training.config import TrainConfig, load_config
+from training.data.datasets import Sample
 from training.uda.loop import Domains, run_training
-
-
-@dataclass(frozen=True)
-class FakeSample:
-    image: np.ndarray
-    label: np.ndarray
-    name: str
 
 
 class FakeDomain:
@@ -36,12 +29,12 @@ class FakeDomain:
             colours = (np.arange(6)[:, None] * np.array([40, 25, 10]) + shift) % 256
             image = colours[label].astype(np.uint8) + rng.integers(0, 20, (64, 128, 3)).astype(np.uint8)
             label[:2] = 255
-            self.samples.append(FakeSample(image, label, f"{i:03d}"))
+            self.samples.append(Sample(image, label, f"{i:03d}"))
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> FakeSample:
+    def __getitem__(self, index: int) -> Sample:
         return self.samples[index]
 
 

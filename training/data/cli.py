@@ -18,7 +18,8 @@ def _fail(message: str) -> None:
 @app.command("synth")
 def synth(
     out: Annotated[
-        Path, typer.Option(help="Output folder (source/ in GTA5 layout, target/ in Cityscapes layout).")
+        Path,
+        typer.Option(help="Output folder (source/ in the GTA5 or SYNTHIA layout, target/ in Cityscapes')."),
     ],
     count: Annotated[int, typer.Option(help="Source (training) images.")] = 2000,
     target_count: Annotated[
@@ -41,8 +42,16 @@ def synth(
         float | None, typer.Option(help="Override the shift of the label distribution only.")
     ] = None,
     workers: Annotated[int, typer.Option(help="Processes (the output does not depend on it).")] = 2,
+    source_layout: Annotated[
+        str,
+        typer.Option(
+            help="Source layout: gta5, or synthia (SYNTHIA-RAND-CITYSCAPES: 16-bit labels, its 16 classes); "
+            "train it with --set data.source_format=synthia."
+        ),
+    ] = "gta5",
 ) -> None:
-    """Generate the synthetic domain-adaptation benchmark (source like GTA5, target like Cityscapes)."""
+    """Generate the synthetic domain-adaptation benchmark (source like GTA5 or SYNTHIA, target like
+    Cityscapes)."""
     from tqdm import tqdm
 
     from training.data.synth.config import SceneConfig, ShiftConfig, SynthConfig
@@ -57,6 +66,7 @@ def synth(
             target_count=target_count,
             val_count=val_count,
             source_val_count=source_val_count,
+            source_layout=source_layout,
         )
     except ValueError as e:
         _fail(str(e))
@@ -88,6 +98,12 @@ def contact_sheet(
     count: Annotated[int, typer.Option(help="Samples per domain.")] = 4,
     seed: Annotated[int, typer.Option(help="Which samples.")] = 0,
     split: Annotated[str, typer.Option(help="Target split: train or val.")] = "val",
+    source_format: Annotated[
+        str, typer.Option(help="Format of data/source: gta5|synthia|cityscapes|folder.")
+    ] = "gta5",
+    target_format: Annotated[
+        str, typer.Option(help="Format of data/target: gta5|synthia|cityscapes|folder.")
+    ] = "cityscapes",
 ) -> None:
     """Source and target samples with their labels overlaid, side by side."""
     from training.data.contact_sheet import benchmark_sheet
@@ -96,7 +112,7 @@ def contact_sheet(
     if count < 1:
         _fail(f"--count: expected >= 1, got {count}")
     try:
-        image = benchmark_sheet(data, count=count, seed=seed, split=split)
+        image = benchmark_sheet(data, count, seed, split, source_format, target_format)
     except (DatasetError, ValueError) as e:
         _fail(str(e))
         return

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from training.data.classes import IGNORE_INDEX, colorize
-from training.data.datasets import CityscapesDataset, Gta5Dataset, Sample
+from training.data.datasets import Sample, open_dataset
 
 
 def overlay(sample: Sample, alpha: float = 0.55) -> np.ndarray:
@@ -42,10 +42,18 @@ def sheet(rows: Sequence[tuple[str, Sample]], tile_width: int = 384) -> Image.Im
     return out
 
 
-def benchmark_sheet(data: Path, count: int = 4, seed: int = 0, split: str = "val") -> Image.Image:
-    """Source samples (GTA5 layout, data/source) beside target samples (Cityscapes layout, data/target)."""
-    source = Gta5Dataset(Path(data) / "source")
-    target = CityscapesDataset(Path(data) / "target", split)
+def benchmark_sheet(
+    data: Path,
+    count: int = 4,
+    seed: int = 0,
+    split: str = "val",
+    source_format: str = "gta5",
+    target_format: str = "cityscapes",
+) -> Image.Image:
+    """Source samples (data/source, default GTA5 layout) beside target samples (data/target, default
+    Cityscapes layout); the formats are those of training.data.datasets.FORMATS."""
+    source = open_dataset(source_format, Path(data) / "source", "train")
+    target = open_dataset(target_format, Path(data) / "target", split)
     rng = np.random.default_rng(seed)
     src_idx = rng.choice(len(source), size=min(count, len(source)), replace=False)
     tgt_idx = rng.choice(len(target), size=min(count, len(target)), replace=False)

@@ -1,5 +1,5 @@
-"""Torch-free readers of GTA5, SYNTHIA-RAND-CITYSCAPES and Cityscapes (and of the synthetic benchmark,
-which is written in the GTA5 and Cityscapes layouts).
+"""Torch-free readers of GTA5, SYNTHIA-RAND-CITYSCAPES, Cityscapes and plain image/label folders (and of the
+synthetic benchmark, which is written in the GTA5 or SYNTHIA and the Cityscapes layouts).
 
 Every dataset indexes to a `Sample`: an RGB uint8 image and uint8 train ids (255 = ignore). The training code
 wraps these in torch Datasets. Layouts (as distributed):
@@ -8,21 +8,30 @@ wraps these in torch Datasets. Layouts (as distributed):
     SYNTHIA     root/RGB/0000000.png, root/GT/LABELS/0000000.png (16-bit, class id in channel 0)
     Cityscapes  root/leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png
                 root/gtFine/{split}/{city}/{stem}_gtFine_labelIds.png (label ids, grey PNG)
+    folder      root/images/{stem}.png|jpg, root/labels/{stem}.png (train ids, 255 = ignore), optional
+                root/classes.json and root/splits/{train,val}.txt
+
+`FORMATS` opens any of them by name for a split (the training package's one opener builds on it).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from calibration.labels import IGNORE_INDEX
 from training.data.classes import (
     CLASS_NAMES,
     LABEL_TO_TRAIN,
     NUM_CLASSES,
     NUM_LABEL_IDS,
+    PALETTE,
     SYNTHIA_NUM_IDS,
     subset_names,
     synthia_lut,
@@ -262,8 +271,207 @@ class SynthiaDataset(_PairDataset):
         return self._lut[ids]
 
 
-DATASETS: dict[str, type[_PairDataset]] = {
-    "gta5": Gta5Dataset,
-    "synthia": SynthiaDataset,
-    "cityscapes": CityscapesDataset,
+def hold_out(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """Deterministic split of n samples: (kept indices, held-out indices), every k-th sample held out (k =
+    round(1 / fraction)), so the held-out part is spread over the whole (often sequence-ordered) list."""
+    if fraction <= 0 or n < 2:
+        return list(range(n)), []
+    step = max(2, round(1 / fraction))
+    held = list(range(step - 1, n, step))
+    kept = set(held)
+    return [i for i in range(n) if i not in kept], held
+
+
+def _few(items: list[str], total: int | None = None, shown: int = 5) -> str:
+    """The first few of a list of names and how many there are in all (error messages)."""
+    total = len(items) if total is None else total
+    more = f" (and {total - shown} more)" if total > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+@dataclass(frozen=True)
+class FolderClasses:
+    """A folder dataset's classes (classes.json): names, colours, and optionally the raw label id of each
+    stored value -> train id (unmapped raw ids are ignored)."""
+
+    names: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...]
+    lut: np.ndarray | None  # (256,) uint8 raw id -> train id, or None: the labels are train ids
+
+
+CITYSCAPES_CLASSES = FolderClasses(CLASS_NAMES, tuple((int(r), int(g), int(b)) for r, g, b in PALETTE), None)
+
+
+def read_classes(path: Path) -> FolderClasses:
+    """classes.json: {"names": [...], "colors": [[r, g, b], ...] (optional), "ids": {"raw": train, ...}
+    (optional)}. Errors name the file and field."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(path, f"expected a JSON classes file, got {e}") from None
+    if not isinstance(spec, dict):
+        raise DatasetError(path, f"expected a JSON object with 'names', got {type(spec).__name__}")
+    unknown = sorted(set(spec) - {"names", "colors", "ids"})
+    if unknown:
+        raise DatasetError(path, f"expected keys among ['colors', 'ids', 'names'], got {unknown}")
+    names = spec.get("names")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise DatasetError(path, f"names: expected a non-empty list of strings, got {names!r}")
+    if len(names) > IGNORE_INDEX:
+        raise DatasetError(path, f"names: expected at most {IGNORE_INDEX} classes, got {len(names)}")
+    colors = spec.get("colors", [[0, 0, 0]] * len(names))
+    if not (
+        isinstance(colors, list)
+        and len(colors) == len(names)
+        and all(
+            isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+            for c in colors
+        )
+    ):
+        raise DatasetError(
+            path, f"colors: expected {len(names)} [r, g, b] lists of ints in 0..255, got {colors!r}"
+        )
+    lut = None
+    ids = spec.get("ids")
+    if ids is not None:
+        if not isinstance(ids, dict):
+            raise DatasetError(path, f"ids: expected an object raw id -> train id, got {ids!r}")
+        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+        for raw, train in ids.items():
+            if not (raw.isdigit() and int(raw) <= 255):
+                raise DatasetError(path, f"ids: expected raw ids in 0..255, got {raw!r}")
+            if not (isinstance(train, int) and (0 <= train < len(names) or train == IGNORE_INDEX)):
+                raise DatasetError(
+                    path,
+                    f"ids.{raw}: expected a train id in 0..{len(names) - 1} or {IGNORE_INDEX}, got {train!r}",
+                )
+            lut[int(raw)] = train
+    return FolderClasses(tuple(names), tuple((c[0], c[1], c[2]) for c in colors), lut)
+
+
+def _read_list(path: Path) -> list[str]:
+    """Stems of a split list file: one per line, blank lines and # comments skipped."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [Path(line).stem if "." in line else line for line in lines if line]
+
+
+class FolderDataset(_PairDataset):
+    """Plain folders: root/images/<stem>.png|jpg with root/labels/<stem>.png, matched by file stem.
+
+    Labels are 8-bit train ids (255 = ignore), or raw ids mapped by root/classes.json's "ids"; without
+    classes.json the classes are the 19 Cityscapes ones. split "all" is every pair; "train"/"val" come from
+    root/splits/{split}.txt (one stem per line) when root/splits/ exists, else every k-th pair is val with
+    k = round(1 / val_fraction).
+    """
+
+    SPLITS = ("train", "val", "all")
+
+    def __init__(
+        self, root: Path | str, split: str = "all", val_fraction: float = 0.0, size: Size | None = None
+    ) -> None:
+        if split not in self.SPLITS:
+            raise ValueError(f"split: expected one of {list(self.SPLITS)}, got {split!r}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction: expected in [0, 1), got {val_fraction}")
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(root, "expected a folder with images/ and labels/, but it does not exist")
+        images = {p.stem: p for p in _images_in(root / "images", "images")}
+        labels_dir = root / "labels"
+        if not labels_dir.is_dir():
+            raise DatasetError(labels_dir, "expected a folder of label PNGs, but it does not exist")
+        labels = {p.stem: p for p in sorted(labels_dir.glob("*.png")) if p.is_file()}
+        unmatched = [f"images/{images[s].name} (no label)" for s in sorted(images.keys() - labels.keys())]
+        unmatched += [f"labels/{labels[s].name} (no image)" for s in sorted(labels.keys() - images.keys())]
+        if unmatched:
+            raise DatasetError(
+                root,
+                f"expected images/ and labels/ to match by file stem, got {len(unmatched)} unmatched: "
+                + _few(unmatched),
+            )
+        classes_file = root / "classes.json"
+        self.classes = read_classes(classes_file) if classes_file.is_file() else CITYSCAPES_CLASSES
+        stems = sorted(images)
+        stems = stems if split == "all" else self._split(root, stems, split, val_fraction)
+        pairs = [(images[s], labels[s], s) for s in stems]
+        super().__init__(pairs, size, self.classes.names)
+        self.split = split
+
+    @staticmethod
+    def _split(root: Path, stems: list[str], split: str, val_fraction: float) -> list[str]:
+        if (root / "splits").is_dir():
+            listed = root / "splits" / f"{split}.txt"
+            if not listed.is_file():
+                raise DatasetError(listed, f"expected the list of {split} stems, but it does not exist")
+            wanted = _read_list(listed)
+            known = set(stems)
+            missing = [s for s in wanted if s not in known]
+            if missing:
+                raise DatasetError(
+                    listed,
+                    f"expected stems of matched images/ and labels/ files, got {len(missing)} unknown: "
+                    + _few(missing),
+                )
+            if not wanted:
+                raise DatasetError(listed, f"expected at least one {split} stem, but the list is empty")
+            return wanted
+        if split == "val" and val_fraction <= 0:
+            raise DatasetError(root / "splits", "expected splits/val.txt or a val fraction > 0, got neither")
+        kept, held = hold_out(len(stems), val_fraction)
+        return [stems[i] for i in (kept if split == "train" else held)]
+
+    def _train_ids(self, label_path: Path) -> np.ndarray:
+        ids = read_label_ids(label_path)
+        if self.classes.lut is not None:
+            return self.classes.lut[ids]
+        bad = (ids >= self.num_classes) & (ids != IGNORE_INDEX)
+        if bad.any():
+            shown = ", ".join(str(int(u)) for u in np.unique(ids[bad])[:10])
+            raise DatasetError(
+                label_path,
+                f"expected train ids in 0..{self.num_classes - 1} or {IGNORE_INDEX} (ignore), got {shown}",
+            )
+        return ids
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """Layouts without splits (GTA5, SYNTHIA) keep each split in its own folder: train in `root`, val in
+    `root`_val (the synthetic benchmark's source/ and source_val/)."""
+    return root if split == "train" else root.with_name(f"{root.name}_{split}")
+
+
+def _open_gta5(root: Path, split: str, val_fraction: float) -> _PairDataset:
+    return Gta5Dataset(split_folder(root, split))
+
+
+def _open_synthia(root: Path, split: str, val_fraction: float) -> _PairDataset:
+    # 19-way: the training head and the evaluation are 19-way; the classes SYNTHIA lacks never appear.
+    return SynthiaDataset(split_folder(root, split))
+
+
+def _open_cityscapes(root: Path, split: str, val_fraction: float) -> _PairDataset:
+    return CityscapesDataset(root, split)
+
+
+def _open_folder(root: Path, split: str, val_fraction: float) -> _PairDataset:
+    return FolderDataset(root, split, val_fraction)
+
+
+# The dataset formats by name: (domain folder, split "train" | "val", val fraction of the folder format)
+# -> dataset. `data.source_format` / `data.target_format` name one of these.
+FORMATS: dict[str, Callable[[Path, str, float], _PairDataset]] = {
+    "gta5": _open_gta5,
+    "synthia": _open_synthia,
+    "cityscapes": _open_cityscapes,
+    "folder": _open_folder,
 }
+
+
+def open_dataset(fmt: str, root: Path | str, split: str, val_fraction: float = 0.0) -> Any:
+    """The `split` ("train" or "val") of the dataset in format `fmt` at `root`; an unknown format lists the
+    options."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format: expected one of {sorted(FORMATS)}, got {fmt!r}")
+    if split not in ("train", "val"):
+        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+    return FORMATS[fmt](Path(root), split, val_fraction)

@@ -5,7 +5,9 @@ Spearman correlation above 0.9 on GTA5 -> Cityscapes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,19 +82,27 @@ def diagnose(
 
 
 def _source_only_model(
-    data: Path, checkpoint: Path | None, network: str | None, iterations: int, out: Path, seed: int
+    data: Path,
+    checkpoint: Path | None,
+    network: str | None,
+    iterations: int,
+    out: Path,
+    seed: int,
+    data_overrides: Sequence[str] = (),
 ) -> tuple[LoadedModel, dict[str, Any]]:
-    """Load the given checkpoint, or train a source-only model with the training loop's defaults."""
+    """Load the given checkpoint, or train a source-only model with the training loop's defaults (and the
+    data settings `data_overrides`, "key=value")."""
     if checkpoint is None:
         from training.config import load_config
         from training.datasets import open_domains
         from training.uda.loop import Domains, run_training
 
         overrides = [f"optim.iterations={iterations}"]
+        overrides += [item if item.startswith("data.") else f"data.{item}" for item in data_overrides]
         if network is not None:
             overrides.append(f"model.network={network}")
         cfg = load_config("source-only", None, overrides, seed)
-        sets = open_domains(data, cfg.data.source, cfg.data.target, cfg.data.tuning_fraction)
+        sets = open_domains(data, cfg.data)
         run_dir = out / "source_only"
         run_training(cfg, Domains(sets["source"], sets["target_train"], sets["target_val"]), run_dir)
         checkpoint = run_dir / "checkpoint.pt"
@@ -114,13 +124,18 @@ def run_diagnose(
     iterations: int = 600,
     seed: int = 0,
     threads: int = 2,
+    data_overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """`blda diagnose`: writes OUT/diagnose.json and OUT/diagnose.png, returns the report."""
+    """`blda diagnose`: writes OUT/diagnose.json and OUT/diagnose.png, returns the report. The data are
+    read as the checkpoint's data config says (defaults for a plain state dict), with `data_overrides`
+    ("key=value") on top."""
+    from training.config import data_config
     from training.data.classes import CLASS_NAMES
     from training.evaluation.plots import plot_diagnosis
 
     torch.set_num_threads(threads)
-    loaded, desc = _source_only_model(data, checkpoint, network, iterations, out, seed)
+    loaded, desc = _source_only_model(data, checkpoint, network, iterations, out, seed, data_overrides)
+    data_cfg = data_config(loaded.config.get("data"), data_overrides)
     names = list(CLASS_NAMES[: int(getattr(loaded.model, "num_classes", len(CLASS_NAMES)))])
     predictor: Predictor = TorchPredictor(loaded.model)
     if loaded.eval_scale is not None and loaded.eval_scale != 1.0:
@@ -129,11 +144,11 @@ def run_diagnose(
     desc["input_scale"] = loaded.eval_scale
     report = diagnose(
         predictor,
-        load_split(data, "target", "val", limit),
+        load_split(data, "target", "val", limit, data_cfg),
         names,
-        source_val=load_split(data, "source", "val", limit),
+        source_val=load_split(data, "source", "val", limit, data_cfg),
     )
-    report = {"model": desc, "data": str(data), **report}
+    report = {"model": desc, "data": str(data), "data_config": dataclasses.asdict(data_cfg), **report}
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnose.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     plot_diagnosis(report, out / "diagnose.png")

@@ -9,7 +9,7 @@ calibration.bias; this module only accumulates confusion matrices and formats th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,15 @@ import numpy as np
 import torch
 
 from calibration.alignment import calibrated_decision
-from calibration.bias import bias_from_confusion, confusion_matrix, iou_from_confusion
+from calibration.bias import bias_from_confusion, confusion_matrix, iou_from_confusion, subset_mean_iou
 from calibration.labels import IGNORE_INDEX
 from calibration.refit import RefitConfig
 from calibration.tables import CalibrationTables, pit_check
+from training.config import DataConfig, data_config
+from training.data.classes import NUM_CLASSES, SUBSETS
+from training.data.datasets import Sample
 from training.datasets import load_split
 from training.evaluation.predictors import (
-    LabelledSample,
     OnnxPredictor,
     Predictor,
     ResizingPredictor,
@@ -33,16 +35,27 @@ from training.evaluation.predictors import (
 from training.tables import PixelSampler, fit_serving_tables
 
 
-def class_metrics(conf: np.ndarray) -> dict[str, Any]:
-    """Metrics of one confusion matrix (C, C) [true, predicted]; nan IoUs (absent classes) become None."""
+def _finite(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def class_metrics(conf: np.ndarray, subset: Sequence[int] | None = None) -> dict[str, Any]:
+    """Metrics of one confusion matrix (C, C) [true, predicted]; nan IoUs (absent classes) become None.
+    "miou" and "iou_std" average the classes of `subset` (all when None; the SYNTHIA protocol's 16 or 13
+    of a 19-way model); a 19-class confusion also reports the mIoU over each of those subsets."""
     iou = iou_from_confusion(conf)  # (C,)
-    present = ~np.isnan(iou)
+    averaged = iou if subset is None else iou[list(subset)]
+    present = ~np.isnan(averaged)
     bias = bias_from_confusion(conf)  # (C,)
     total = conf.sum()
+    by_classes = {}
+    if conf.shape[0] == NUM_CLASSES:
+        by_classes = {str(k): _finite(subset_mean_iou(conf, ids)) for k, ids in SUBSETS.items()}
     # JSON has no NaN: undefined values are None.
     return {
-        "miou": float(np.mean(iou[present])) if present.any() else None,
-        "iou_std": float(np.std(iou[present])) if present.any() else None,
+        "miou": float(np.mean(averaged[present])) if present.any() else None,
+        "iou_std": float(np.std(averaged[present])) if present.any() else None,
+        "miou_by_classes": by_classes,
         "pixel_accuracy": float(np.trace(conf) / total) if total else None,
         "iou": [None if np.isnan(v) else float(v) for v in iou],
         "bias": [None if np.isnan(v) else float(v) for v in bias],
@@ -60,7 +73,7 @@ class Confusions:
 
 def accumulate_confusions(
     predictor: Predictor,
-    samples: Iterable[LabelledSample],
+    samples: Iterable[Sample],
     num_classes: int,
     tables: CalibrationTables | None = None,
     taus: Sequence[float] = (),
@@ -94,12 +107,16 @@ def accumulate_confusions(
     return Confusions(raw, cal, count)
 
 
-def metrics_from_confusions(confusions: Confusions, class_names: Sequence[str]) -> dict[str, Any]:
+def metrics_from_confusions(
+    confusions: Confusions, class_names: Sequence[str], subset: Sequence[int] | None = None
+) -> dict[str, Any]:
     return {
         "num_images": confusions.num_images,
         "classes": list(class_names),
-        "raw": class_metrics(confusions.raw),
-        "calibrated": {f"{tau:g}": class_metrics(conf) for tau, conf in confusions.calibrated.items()},
+        "raw": class_metrics(confusions.raw, subset),
+        "calibrated": {
+            f"{tau:g}": class_metrics(conf, subset) for tau, conf in confusions.calibrated.items()
+        },
         "confusion_raw": confusions.raw.tolist(),
         "confusion_calibrated": {f"{tau:g}": conf.tolist() for tau, conf in confusions.calibrated.items()},
     }
@@ -107,14 +124,16 @@ def metrics_from_confusions(confusions: Confusions, class_names: Sequence[str]) 
 
 def evaluate(
     predictor: Predictor,
-    samples: Iterable[LabelledSample],
+    samples: Iterable[Sample],
     class_names: Sequence[str],
     tables: CalibrationTables | None = None,
     taus: Sequence[float] = (),
+    subset: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """mIoU, per-class IoU, class-IoU std, Bias(l), pixel accuracy; raw and calibrated at each τ."""
+    """mIoU (over `subset`, default all classes), per-class IoU, class-IoU std, Bias(l), pixel accuracy;
+    raw and calibrated at each τ."""
     confusions = accumulate_confusions(predictor, samples, len(class_names), tables, taus)
-    return metrics_from_confusions(confusions, class_names)
+    return metrics_from_confusions(confusions, class_names, subset)
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,8 @@ class ModelUnderTest:
     tables: CalibrationTables | None
     class_names: list[str]
     description: dict[str, Any]
+    # The data settings the model was trained with (a checkpoint's or bundle's config; {} when unknown).
+    data_config: dict[str, Any] = field(default_factory=dict)
 
 
 def open_model(
@@ -158,7 +179,17 @@ def open_model(
             "network": b.manifest.provenance.network,
             "trained": b.manifest.provenance.trained,
         }
-        return ModelUnderTest(predictor, b.tables, b.manifest.class_names, desc), None
+        data_cfg = b.manifest.provenance.config.get("data")
+        return (
+            ModelUnderTest(
+                predictor,
+                b.tables,
+                b.manifest.class_names,
+                desc,
+                data_cfg if isinstance(data_cfg, dict) else {},
+            ),
+            None,
+        )
     if checkpoint is None:
         raise ValueError("expected a checkpoint or a bundle, got neither")
     loaded = load_model(checkpoint, network, teacher)
@@ -175,14 +206,38 @@ def open_model(
     run: Predictor = TorchPredictor(loaded.model)
     if scale is not None and scale != 1.0:
         run = ResizingPredictor(run, scale=scale)
-    return ModelUnderTest(run, loaded.tables, names, desc), loaded.model
+    data_cfg = loaded.config.get("data")
+    return (
+        ModelUnderTest(run, loaded.tables, names, desc, data_cfg if isinstance(data_cfg, dict) else {}),
+        loaded.model,
+    )
+
+
+def class_subset(classes: int | None, num_classes: int) -> tuple[int, ...] | None:
+    """The class indices "miou" averages for `--classes` (None: all `num_classes`); the 16 and 13 subsets
+    are of the 19 Cityscapes classes."""
+    if classes is None or classes == num_classes:
+        return None
+    if classes not in SUBSETS:
+        raise ValueError(f"--classes: expected one of {sorted(SUBSETS)}, got {classes}")
+    if num_classes != NUM_CLASSES:
+        raise ValueError(
+            f"--classes {classes}: expected a {NUM_CLASSES}-class model (subsets of the Cityscapes classes), "
+            f"got {num_classes} classes"
+        )
+    return SUBSETS[classes]
 
 
 TABLE_SOURCES = ("auto", "refit", "checkpoint", "bundle")
 
 
 def serving_tables(
-    mut: ModelUnderTest, data: Path, source: str, fit_limit: int, refit: RefitConfig
+    mut: ModelUnderTest,
+    data: Path,
+    source: str,
+    fit_limit: int,
+    refit: RefitConfig,
+    data_cfg: DataConfig | None = None,
 ) -> tuple[CalibrationTables | None, dict[str, Any]]:
     """The tables to calibrate with: "refit" (eval-mode logits of source train with labels and target train
     without, the exporter's refit), "checkpoint"/"bundle" (the model's own), "auto" (a bundle's own, else
@@ -198,8 +253,8 @@ def serving_tables(
         return mut.tables, {"source": source if mut.tables is not None else "none"}
     tables, report = fit_serving_tables(
         mut.predictor,
-        load_split(data, "source", "train", fit_limit),
-        load_split(data, "target", "train", fit_limit),
+        load_split(data, "source", "train", fit_limit, data_cfg),
+        load_split(data, "target", "train", fit_limit, data_cfg),
         refit,
     )
     return tables, {
@@ -228,37 +283,47 @@ def run_evaluate(
     threads: int = 2,
     tables: str = "auto",
     refit: RefitConfig = RefitConfig(),
+    classes: int | None = None,
+    data_overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`blda evaluate`: writes OUT/metrics.json and OUT/metrics.png, returns the metrics. τ = 0 entries are
-    dropped (raw is always reported). The PIT check of the tables runs on the evaluated split's labels."""
+    dropped (raw is always reported). The PIT check of the tables runs on the evaluated split's labels.
+    The data are read as the model's training data config says (defaults when unknown), with
+    `data_overrides` ("key=value") on top. `classes` (19, 16 or 13; None: all of the model's) is the class
+    subset "miou" averages, the SYNTHIA protocol's."""
+    import dataclasses
     import json
 
     from training.evaluation.plots import plot_evaluation
 
     torch.set_num_threads(threads)
     mut, _ = open_model(checkpoint, bundle, network, teacher, threads, input_scale)
+    subset = class_subset(classes, len(mut.class_names))
+    data_cfg = data_config(mut.data_config, data_overrides)
     taus = [float(t) for t in taus if t > 0]
     chosen, tables_desc = (
-        serving_tables(mut, data, tables, fit_limit, refit) if taus else (None, {"source": "none"})
+        serving_tables(mut, data, tables, fit_limit, refit, data_cfg) if taus else (None, {"source": "none"})
     )
     sampler = PixelSampler(4096, seed=7)
-    confusions = accumulate_confusions(
-        mut.predictor, load_split(data, "target", split, limit), len(mut.class_names), chosen, taus, sampler
-    )
-    target = metrics_from_confusions(confusions, mut.class_names)
+    samples = load_split(data, "target", split, limit, data_cfg)
+    confusions = accumulate_confusions(mut.predictor, samples, len(mut.class_names), chosen, taus, sampler)
+    target = metrics_from_confusions(confusions, mut.class_names, subset)
     if chosen is not None:
         logits, labels = sampler.arrays()
         target["pit"] = pit_check(logits[:, 0, :], labels[0], chosen).to_dict()
     metrics: dict[str, Any] = {
         "model": mut.description,
         "data": str(data),
+        "data_config": dataclasses.asdict(data_cfg),
         "split": split,
+        "classes_averaged": len(mut.class_names) if subset is None else len(subset),
         "taus": taus,
         "calibration_tables": tables_desc,
         "target": target,
     }
     if with_source:
-        metrics["source"] = evaluate(mut.predictor, load_split(data, "source", "val", limit), mut.class_names)
+        source = load_split(data, "source", "val", limit, data_cfg)
+        metrics["source"] = evaluate(mut.predictor, source, mut.class_names, subset=subset)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     plot_evaluation({**target, "classes": mut.class_names}, out / "metrics.png")

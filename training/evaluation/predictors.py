@@ -5,27 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from training.networks import normalise_images
-
-
-class LabelledSample(Protocol):
-    """What the data loaders yield (training.data's Sample)."""
-
-    @property
-    def image(self) -> np.ndarray: ...  # (H, W, 3) uint8
-
-    @property
-    def label(self) -> np.ndarray: ...  # (H, W) uint8 train ids, 255 = ignore
-
-    @property
-    def name(self) -> str: ...
-
 
 # uint8 images (N, H, W, 3) -> float32 logits (N, C, h, w)
 Predictor = Callable[[np.ndarray], np.ndarray]

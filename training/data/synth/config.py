@@ -362,11 +362,21 @@ class SynthConfig:
     target_count: int = 1000
     val_count: int = 200
     source_val_count: int = 0  # extra labelled source images for a source-domain validation split
+    # The source domain's layout on disk: "gta5" (Cityscapes label ids, all 19 classes) or "synthia"
+    # (SYNTHIA-RAND-CITYSCAPES: 16-bit SYNTHIA ids, its 16 classes; terrain, truck and train are void).
+    source_layout: str = "gta5"
 
     def __post_init__(self) -> None:
         for name in ("source_count", "target_count", "val_count", "source_val_count"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SynthConfig.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.source_layout not in SOURCE_LAYOUTS:
+            raise ValueError(
+                f"SynthConfig.source_layout: expected one of {list(SOURCE_LAYOUTS)}, got {self.source_layout!r}"
+            )
+
+
+SOURCE_LAYOUTS = ("gta5", "synthia")
 
 
 # Valid ranges of fields that an extrapolated shift (strength > 1) could push out of bounds.

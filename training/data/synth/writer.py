@@ -1,8 +1,11 @@
 """Write a generated benchmark in the real datasets' layouts.
 
-GTA5 (labels: Cityscapes label ids in palette PNGs), and a held-out source split in the same layout:
+The source and a held-out source split, in the GTA5 layout (labels: Cityscapes label ids in palette PNGs):
     DIR/source/images/00001.png, DIR/source/labels/00001.png
     DIR/source_val/images/00001.png, DIR/source_val/labels/00001.png
+or, with source_layout = "synthia", in SYNTHIA-RAND-CITYSCAPES's (16-bit RGB label PNGs, SYNTHIA class id in
+the first channel, instance 0; its 16 classes, so terrain, truck and train pixels are void, id 0):
+    DIR/source/RGB/0000000.png, DIR/source/GT/LABELS/0000000.png (and DIR/source_val/...)
 Cityscapes:
     DIR/target/leftImg8bit/{train,val}/{city}/{city}_{seq:06d}_000019_leftImg8bit.png
     DIR/target/gtFine/{train,val}/{city}/{city}_{seq:06d}_000019_gtFine_labelIds.png
@@ -25,7 +28,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.data.classes import CLASS_NAMES, CLASSES, NUM_CLASSES, TRAIN_TO_LABEL
+from training.data.classes import (
+    CLASS_NAMES,
+    CLASSES,
+    LABEL_TO_TRAIN,
+    NUM_CLASSES,
+    SYNTHIA_16_TRAIN_IDS,
+    SYNTHIA_TO_TRAIN,
+    TRAIN_TO_LABEL,
+)
+from training.data.png16 import write_png16
 from training.data.synth.canvas import EGO
 from training.data.synth.config import DomainConfig, SynthConfig, domain_configs
 from training.data.synth.scene import render_scene
@@ -49,6 +61,20 @@ def _label_palette() -> list[int]:
 
 
 _PALETTE = _label_palette()
+
+
+def _label_to_synthia() -> np.ndarray:
+    """(256,) uint16: Cityscapes label id -> SYNTHIA id for the 16 classes SYNTHIA has, else 0 (void)."""
+    to_synthia = {train: synthia for synthia, train in SYNTHIA_TO_TRAIN.items()}
+    lut = np.zeros(256, dtype=np.uint16)
+    for train_id in SYNTHIA_16_TRAIN_IDS:
+        lut[CLASSES[train_id].label_id] = to_synthia[train_id]
+    return lut
+
+
+_LABEL_TO_SYNTHIA = _label_to_synthia()
+# Cityscapes label ids SYNTHIA keeps (the others are written as void, 0 = "unlabeled").
+_SYNTHIA_KEEPS = np.isin(LABEL_TO_TRAIN, SYNTHIA_16_TRAIN_IDS)
 
 
 @dataclass(frozen=True)
@@ -79,6 +105,15 @@ def cityscapes_name(split: str, index: int, count: int) -> tuple[str, str]:
     return city, f"{city}_{index:06d}_000019"
 
 
+def source_paths(layout: str, folder: Path, index: int) -> tuple[Path, Path]:
+    """(image, label) files of source image `index` in the GTA5 or the SYNTHIA layout."""
+    if layout == "synthia":  # SYNTHIA numbers from 0 with seven digits
+        name = f"{index:07d}.png"
+        return folder / "RGB" / name, folder / "GT" / "LABELS" / name
+    name = f"{index + 1:05d}.png"
+    return folder / "images" / name, folder / "labels" / name
+
+
 def plan(config: SynthConfig, out: Path) -> list[Task]:
     tasks = []
     for split, count, folder in (
@@ -86,10 +121,7 @@ def plan(config: SynthConfig, out: Path) -> list[Task]:
         ("val", config.source_val_count, "source_val"),
     ):
         for i in range(count):
-            name = f"{i + 1:05d}.png"
-            tasks.append(
-                Task("source", split, i, out / folder / "images" / name, out / folder / "labels" / name)
-            )
+            tasks.append(Task("source", split, i, *source_paths(config.source_layout, out / folder, i)))
     for split, count in (("train", config.target_count), ("val", config.val_count)):
         for i in range(count):
             city, stem = cityscapes_name(split, i, count)
@@ -109,7 +141,12 @@ def _run(args: tuple[SynthConfig, Task]) -> tuple[str, str, np.ndarray]:
     config, task = args
     image, label_ids = render_one(config, task.domain, task.split, task.index)
     Image.fromarray(image).save(task.image_path, compress_level=1)
-    if task.domain == "source":  # GTA5 ships palette PNGs whose indices are the label ids
+    if task.domain == "source" and config.source_layout == "synthia":
+        label_ids = np.where(_SYNTHIA_KEEPS[label_ids], label_ids, 0).astype(np.uint8)  # what is written
+        ids = _LABEL_TO_SYNTHIA[label_ids]
+        # Up-filtered rows: read back vectorised by png16 (Paeth, as some real files use, is ~50x slower).
+        write_png16(task.label_path, np.stack([ids, np.zeros_like(ids), np.zeros_like(ids)], -1), 2)
+    elif task.domain == "source":  # GTA5 ships palette PNGs whose indices are the label ids
         lab = Image.fromarray(label_ids, mode="L").convert("P")
         lab.putpalette(_PALETTE)
         lab.save(task.label_path, compress_level=1)
@@ -174,9 +211,14 @@ def describe(config: SynthConfig, label_id_counts: dict[str, np.ndarray]) -> dic
         "domains": {"source": dataclasses.asdict(source), "target": dataclasses.asdict(target)},
         "class_frequencies": freqs,
         "num_classes": NUM_CLASSES,
+        "source_layout": config.source_layout,
         "layouts": {
-            "source": "GTA5: source/images/NNNNN.png, source/labels/NNNNN.png (Cityscapes label ids)",
-            "source_val": "GTA5 layout, held-out source images",
+            "source": (
+                "SYNTHIA: source/RGB/NNNNNNN.png, source/GT/LABELS/NNNNNNN.png (16-bit, SYNTHIA ids, 16 classes)"
+                if config.source_layout == "synthia"
+                else "GTA5: source/images/NNNNN.png, source/labels/NNNNN.png (Cityscapes label ids)"
+            ),
+            "source_val": f"{config.source_layout} layout, held-out source images",
             "target": (
                 "Cityscapes: target/leftImg8bit/{split}/{city}/*_leftImg8bit.png, "
                 "target/gtFine/{split}/{city}/*_gtFine_labelIds.png"
