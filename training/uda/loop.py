@@ -63,7 +63,7 @@ from training.uda.gmm import (
     zero_table,
 )
 from training.uda.losses import cdf_loss, corrected_logits, weighted_cross_entropy
-from training.uda.mixing import class_masks, classmix, strong_augment
+from training.uda.mixing import Mixed, class_masks, classmix, strong_augment
 from training.uda.pseudo_labels import pseudo_labels_from_probs, teacher_probabilities
 from training.uda.teacher import EmaTeacher, ema_alpha
 
@@ -354,24 +354,11 @@ def _mixed_loss(
     mean, std = torch.tensor(IMAGE_MEAN), torch.tensor(IMAGE_STD)
     images = strong_augment(mixed.images, mean, std, cfg.data.color_jitter, cfg.data.blur, gen)
     out_m = state.model(images)
-    z = out_m.logits
-    if b.enabled:
-        z, y = _delta_inputs(out_m.logits, mixed.labels, cfg)
-        domain = _down_labels((~mixed.source_mask).long(), z.shape[-2:])  # 0 source, 1 target
-        if b.track_target:
-            assert state.gmm_target is not None
-            # Target pixels that carry a pseudo-label weight (not the ignored rows), optionally confident.
-            keep = (domain == 1) & (_down_weights(mixed.weights, z.shape[-2:]) > 0)
-            if b.target_gmm_confidence > 0:
-                keep = keep & (_down_weights(pl.confidence, z.shape[-2:]) > b.target_gmm_confidence)
-            tgt_only = torch.where(keep, y, torch.full_like(y, IGNORE_INDEX))
-            state.gmm_target = _update(state.gmm_target, z, tgt_only, it, ctx, gmm_gen)
-        if correcting and (b.correct_source or b.correct_target):
-            assert state.shift_source is not None and state.shift_target is not None
-            src = state.shift_source if b.correct_source else zero_table(state.shift_source)
-            tgt = state.shift_target if b.correct_target else zero_table(state.shift_target)
-            # Source pixels of the mix use the source tables, target pixels the target tables.
-            z = _corrected(z, y, stack_tables([src, tgt]), correction_strength(cfg, it), domain)
+    z = (
+        _blda_mixed(state, ctx, out_m.logits, mixed, pl.confidence, correcting, gmm_gen)
+        if b.enabled
+        else out_m.logits
+    )
     logits_m, labels_m = _loss_inputs(z, mixed.labels, full)
     weights = mixed.weights if full else _down_weights(mixed.weights, logits_m.shape[-2:])
     loss = weighted_cross_entropy(logits_m, labels_m, weights * ramp)
@@ -385,6 +372,37 @@ def _mixed_loss(
         valid = valid & (_down_weights(mixed.weights, low) > 0)
         loss = loss + b.cdf_weight * cdf_loss(out_m.cdf, target_q, valid) * ramp
     return loss, pl.weight
+
+
+def _blda_mixed(
+    state: TrainState,
+    ctx: StepContext,
+    logits: torch.Tensor,  # (N, C, h, w) student logits of the mixed batch
+    mixed: Mixed,
+    confidence: torch.Tensor,  # (N, H, W) teacher confidence of the target pixels
+    correcting: bool,
+    gmm_gen: torch.Generator,
+) -> torch.Tensor:
+    """BLDA on the mixed batch: the target GMMs updated from its target pixels only, then the logits the loss
+    sees (at the Δ resolution), corrected with source tables on source pixels and target tables on target
+    pixels."""
+    cfg, b = ctx.cfg, ctx.cfg.blda
+    z, y = _delta_inputs(logits, mixed.labels, cfg)
+    domain = _down_labels((~mixed.source_mask).long(), z.shape[-2:])  # 0 source, 1 target
+    if b.track_target:
+        assert state.gmm_target is not None
+        # Target pixels that carry a pseudo-label weight (not the ignored rows), optionally confident.
+        keep = (domain == 1) & (_down_weights(mixed.weights, z.shape[-2:]) > 0)
+        if b.target_gmm_confidence > 0:
+            keep = keep & (_down_weights(confidence, z.shape[-2:]) > b.target_gmm_confidence)
+        tgt_only = torch.where(keep, y, torch.full_like(y, IGNORE_INDEX))
+        state.gmm_target = _update(state.gmm_target, z, tgt_only, state.iteration, ctx, gmm_gen)
+    if not (correcting and (b.correct_source or b.correct_target)):
+        return z
+    assert state.shift_source is not None and state.shift_target is not None
+    src = state.shift_source if b.correct_source else zero_table(state.shift_source)
+    tgt = state.shift_target if b.correct_target else zero_table(state.shift_target)
+    return _corrected(z, y, stack_tables([src, tgt]), correction_strength(cfg, state.iteration), domain)
 
 
 def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
