@@ -258,6 +258,9 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--train-only", action="store_true", help="stop after training")
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument(
+        "--summary", default="summary", help="file stem of the summary (json, md, -curves.png)"
+    )
     args = parser.parse_args()
     variants: list[Variant] = [Variant("source-only", "source-only", ()), *args.variant]
     if not args.summary_only:
@@ -293,15 +296,17 @@ def main() -> int:
         if failed:
             print(f"failed: {failed}", file=sys.stderr)
     summary = summarise(args, variants)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (args.out / f"{args.summary}.json").write_text(json.dumps(summary, indent=2))
     text = table(summary)
-    (args.out / "summary.md").write_text(text + "\n")
+    (args.out / f"{args.summary}.md").write_text(text + "\n")
     curves = {
         name: [r["curve"] for r in row["runs"]]
         for name, row in summary["variants"].items()
         if row["arm"] != "source-only"
     }
-    _plot_curves(curves, args.out / "curves.png", f"{args.data.name}: mIoU against iterations")
+    _plot_curves(
+        curves, args.out / f"{args.summary}-curves.png", f"{args.data.name}: mIoU against iterations"
+    )
     print(text)
     return 0
 
