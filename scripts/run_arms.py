@@ -290,6 +290,9 @@ def main() -> int:
                         out = run / f"evaluate-{split}"
                         if (run / "checkpoint.pt").is_file() and not (out / "metrics.json").is_file():
                             cmd = evaluate_command(run, split, args.taus, out, args)
+                            refit = run / "evaluate-tuning" / "tables.npz"
+                            if split == "val" and refit.is_file():
+                                cmd += ["--tables", str(refit)]  # the same serving tables, not refitted again
                             evals.append((f"evaluate {split} {run.name}", cmd, run / f"evaluate-{split}.log"))
                 codes.update(run_jobs(evals, args.parallel))
         failed = {k: v for k, v in codes.items() if v != 0}

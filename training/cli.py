@@ -199,8 +199,8 @@ def evaluate_command(
     tables: Annotated[
         str,
         typer.Option(
-            help="Calibration tables: refit (the exporter's refit on train splits), checkpoint (training-time "
-            "GMMs), bundle, or auto (a bundle's own, else refit)."
+            help="Calibration tables: refit (the exporter's refit on train splits; written to OUT/tables.npz), "
+            "checkpoint (training-time GMMs), bundle, auto (a bundle's own, else refit), or a tables .npz file."
         ),
     ] = "auto",
     keep_fraction: Annotated[

@@ -260,3 +260,22 @@ def test_export_writes_the_refitted_tables_and_evaluate_applies_them(
         conf += confusion_matrix(calibrated_decision(up, bundle.tables.shifts, tau), sample.label, 19)
     np.testing.assert_array_equal(np.array(metrics["confusion_calibrated"][f"{tau:g}"]), conf)
     assert not np.array_equal(conf, np.array(metrics["confusion_raw"]))
+
+
+def test_a_refit_written_by_evaluate_serves_a_later_evaluation(
+    tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from blda.cli import app
+
+    runner = CliRunner()
+    ckpt = ["--checkpoint", str(tiny_checkpoint), "--network", "mobilenet_lraspp_tiny", "--threads", "1"]
+    first, second = tmp_path / "refit", tmp_path / "reuse"
+    common = ["evaluate", "--data", str(tiny_data), *ckpt, "--tau", "1.5"]
+    assert runner.invoke(app, [*common, "--out", str(first)]).exit_code == 0
+    assert (first / "tables.npz").is_file()
+    result = runner.invoke(app, [*common, "--out", str(second), "--tables", str(first / "tables.npz")])
+    assert result.exit_code == 0, result.output
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (first, second))
+    assert b["calibration_tables"]["source"] == "file" and not (second / "tables.npz").exists()
+    assert a["target"]["confusion_calibrated"] == b["target"]["confusion_calibrated"]
+    assert a["target"]["pit"] == b["target"]["pit"]

@@ -241,9 +241,14 @@ def serving_tables(
 ) -> tuple[CalibrationTables | None, dict[str, Any]]:
     """The tables to calibrate with: "refit" (eval-mode logits of source train with labels and target train
     without, the exporter's refit), "checkpoint"/"bundle" (the model's own), "auto" (a bundle's own, else
-    refit). Returns the tables and a description for the report."""
+    refit), or a calibration.npz file (e.g. the tables.npz an earlier refit of the same model wrote).
+    Returns the tables and a description for the report."""
+    if source.endswith(".npz"):
+        from calibration.bundle import read_calibration
+
+        return read_calibration(source), {"source": "file", "path": source}
     if source not in TABLE_SOURCES:
-        raise ValueError(f"tables: expected one of {list(TABLE_SOURCES)}, got {source!r}")
+        raise ValueError(f"tables: expected one of {list(TABLE_SOURCES)} or a .npz file, got {source!r}")
     is_bundle = "bundle" in mut.description
     if source == "auto":
         source = "bundle" if is_bundle else "refit"
@@ -308,6 +313,11 @@ def run_evaluate(
     samples = load_split(data, "target", split, limit, data_cfg)
     confusions = accumulate_confusions(mut.predictor, samples, len(mut.class_names), chosen, taus, sampler)
     target = metrics_from_confusions(confusions, mut.class_names, subset)
+    if tables_desc["source"] == "refit" and chosen is not None:
+        from calibration.bundle import write_calibration
+
+        # The refit is the costly part: a later evaluation of the same model can read it (--tables FILE).
+        write_calibration(out / "tables.npz", chosen)
     if chosen is not None:
         logits, labels = sampler.arrays()
         target["pit"] = pit_check(logits[:, 0, :], labels[0], chosen).to_dict()
