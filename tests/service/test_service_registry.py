@@ -56,7 +56,11 @@ def test_models_listing(client: TestClient) -> None:
     assert tiny["versions"][1]["calibration"]["available"] is True
     assert models["plain"]["versions"][0]["calibration"]["available"] is False
     detail = client.get("/v1/models/tiny").json()
-    assert len(detail["classes"]) == 19 and detail["output"] == {"name": "logits", "num_classes": 19, "stride": 4}
+    assert len(detail["classes"]) == 19 and detail["output"] == {
+        "name": "logits",
+        "num_classes": 19,
+        "stride": 4,
+    }
     assert detail["provenance"]["trained"] is False
     missing = client.get("/v1/models/nope")
     assert missing.status_code == 404 and missing.json()["type"] == "/problems/model-not-found"
