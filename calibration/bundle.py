@@ -364,6 +364,23 @@ def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(num)) if num else (1, text) for num, text in _VERSION_PART.findall(version))
 
 
+def served_version(models_dir: str | Path, name: str) -> str | None:
+    """The version of ``name`` the service serves when nothing is pinned: the highest with a manifest."""
+    versions = [b.name for b in discover_bundles(models_dir) if b.parent.name == name]
+    return max(versions, key=version_key) if versions else None
+
+
+def served_note(models_dir: str | Path, name: str, written: str) -> str:
+    """One line saying which version of ``name`` the service will serve, after writing ``written``."""
+    served = served_version(models_dir, name)
+    if served == written:
+        return f"the service serves {name}/{written} (the highest version, unless another is pinned)"
+    return (
+        f"note: the service serves {name}/{served} (the highest version), not {name}/{written}, "
+        "unless pinned (settings pinned_versions, or POST /v1/models/{name}/versions/{written}/activate)"
+    )
+
+
 def next_version(models_dir: str | Path, name: str) -> str:
     """The version after the highest one of ``models_dir/name`` (its last number plus one), or "1.0.0".
 

@@ -158,7 +158,7 @@ def create(
 
 
 def _print_created(summary: dict[str, Any], name: str, version: str, out: Path) -> None:
-    from calibration.bundle import discover_bundles, version_key
+    from calibration.bundle import served_note
 
     graph = summary["graph"]
     typer.echo(f"wrote {summary['bundle']}")
@@ -173,16 +173,7 @@ def _print_created(summary: dict[str, Any], name: str, version: str, out: Path) 
     else:
         state = "on" if choice["enabled"] else "off"
         typer.echo(f"  calibration: tables fitted; default {state}, τ={choice['tau']:g}: {choice['reason']}")
-    versions = [b.name for b in discover_bundles(out) if b.parent.name == name]
-    highest = max(versions, key=version_key) if versions else version
-    if highest == version:
-        typer.echo(
-            f"the service serves {name}/{version} (the highest version): blda serve --models-dir {out}"
-        )
-    else:
-        typer.echo(
-            f"note: the service serves {name}/{highest} (the highest version), not {version}, unless pinned"
-        )
+    typer.echo(f"{served_note(out, name, version)}: blda serve --models-dir {out}")
 
 
 def _load(directory: Path) -> Bundle:

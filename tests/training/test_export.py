@@ -205,6 +205,11 @@ def test_cli_untrained_export_and_errors(tmp_path: Path) -> None:
     assert summary["trained"] is False
     bundle = load_bundle(tmp_path / "x" / "0")
     assert not bundle.manifest.provenance.trained and "UNTRAINED" in bundle.manifest.description
+    # Without --version: the next version after the highest present, so the export is the one served.
+    again = runner.invoke(app, args[:-2])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "x" / "1" / "manifest.json").is_file()
+    assert "the service serves x/1 (the highest version" in again.stderr
     bad = runner.invoke(app, ["export", "--out", str(tmp_path)])
     assert bad.exit_code == 2
     assert "expected --checkpoint" in bad.stderr and "Traceback" not in bad.output
