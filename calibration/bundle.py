@@ -377,7 +377,7 @@ def served_note(models_dir: str | Path, name: str, written: str) -> str:
         return f"the service serves {name}/{written} (the highest version, unless another is pinned)"
     return (
         f"note: the service serves {name}/{served} (the highest version), not {name}/{written}, "
-        "unless pinned (settings pinned_versions, or POST /v1/models/{name}/versions/{written}/activate)"
+        f"unless pinned (settings pinned_versions, or POST /v1/models/{name}/versions/{written}/activate)"
     )
 
 
