@@ -123,6 +123,9 @@ class ModelRegistry:
         self._loader = loader
         self._settings_pins = dict(pinned_versions or {})
         self._default_setting = default_model
+        # Without a setting, the default is chosen once (the only model, or the first loaded with a
+        # loadable version) and kept: a model added later whose name sorts first must not take it over.
+        self._implicit_default: str | None = None
         self._states: Mapping[str, ModelState] = MappingProxyType({})
         self._lock = threading.Lock()
 
@@ -142,7 +145,28 @@ class ModelRegistry:
     def default_name(self) -> str | None:
         if self._default_setting is not None:
             return self._default_setting
-        return min(self._states) if self._states else None
+        return self._implicit_default
+
+    @property
+    def default_reason(self) -> str:
+        """Why the default model is the default (shown by /v1/models)."""
+        if self._default_setting is not None:
+            return "set by default_model in the settings"
+        if self._implicit_default is None:
+            return "no model loaded"
+        if len(self._states) == 1:
+            return "the only model (no default_model in the settings)"
+        return (
+            "the first model loaded with a loadable version (no default_model in the settings; set it to "
+            "make the choice explicit)"
+        )
+
+    def _choose_default(self, load_order: list[str]) -> None:
+        """Keep the implicit default while it is still present; else the first loadable in load order."""
+        if self._implicit_default in self._states:
+            return
+        loadable = [n for n in load_order if self._states[n].active_model is not None]
+        self._implicit_default = (loadable or load_order or [None])[0]
 
     def serving(self, name: str | None = None) -> ServedModel:
         """The active model version of ``name`` (default: the default model)."""
@@ -173,6 +197,7 @@ class ModelRegistry:
             for directory in _subdirectories(self.models_dir):
                 states[directory.name] = self._load_model(directory.name, None)
             self._states = MappingProxyType(states)
+            self._choose_default(list(states))
 
     def reload(self, name: str) -> ModelState:
         """Load every version of ``name`` from disk again (a new model directory is picked up too)."""
@@ -185,6 +210,7 @@ class ModelRegistry:
                 )
             state = self._load_model(name, self._states.get(name))
             self._swap(state)
+            self._choose_default([name])
             return state
 
     def activate(self, name: str, version: str) -> ModelState:

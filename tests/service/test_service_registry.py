@@ -240,3 +240,23 @@ def test_a_model_whose_directory_is_gone_keeps_serving_and_says_so(own_models_di
         assert "it is gone" in str(listed["2"]["error"])
         version, after = segment(client)
         assert version == "2" and np.array_equal(after, before)
+
+
+def test_the_default_model_is_explicit_or_kept(tmp_path: Path, make_bundle: BundleFactory) -> None:
+    """Without default_model in the settings: the only model, then kept when a model whose name sorts
+    first appears; /v1/models says which and why."""
+    root = tmp_path / "models"
+    make_bundle(root, "zebra", "1")
+    with TestClient(create_app(settings_for(root, default_model=None))) as client:
+        (only,) = client.get("/v1/models").json()
+        assert only["default"] is True and only["default_reason"].startswith("the only model")
+        make_bundle(root, "aardvark", "1", calibrated=False)
+        assert client.post("/v1/models/aardvark/reload", headers=ADMIN).status_code == 200
+        models = {m["name"]: m for m in client.get("/v1/models").json()}
+        assert models["zebra"]["default"] is True and models["aardvark"]["default"] is False
+        assert models["zebra"]["default_reason"].startswith("the first model loaded")
+        assert models["aardvark"]["default_reason"] is None
+        assert client.get("/readyz").json()["default_model"] == "zebra"
+    with TestClient(create_app(settings_for(root, default_model="aardvark"))) as client:
+        models = {m["name"]: m for m in client.get("/v1/models").json()}
+        assert models["aardvark"]["default_reason"] == "set by default_model in the settings"
