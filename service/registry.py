@@ -166,7 +166,8 @@ class ModelRegistry:
         if self._implicit_default in self._states:
             return
         loadable = [n for n in load_order if self._states[n].active_model is not None]
-        self._implicit_default = (loadable or load_order or [None])[0]
+        candidates = loadable or load_order
+        self._implicit_default = candidates[0] if candidates else None
 
     def serving(self, name: str | None = None) -> ServedModel:
         """The active model version of ``name`` (default: the default model)."""
