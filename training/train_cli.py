@@ -15,6 +15,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def run_folder_problem(out: Path, resume: bool) -> str | None:
+    """Why `out` cannot take a new run: a non-empty folder would get a second run appended to its
+    metrics.jsonl and its checkpoint overwritten. --resume continues the run that is there."""
+    if resume or not out.exists():
+        return None
+    if not out.is_dir():
+        return f"--out: expected a run folder, got a file: {out}"
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        return (
+            f"--out: expected a new or empty run folder, got {out} holding {shown} "
+            "(--resume continues the run there; or choose another --out)"
+        )
+    return None
+
+
 @app.command("train")
 def train(
     arm: Annotated[str, typer.Option(help="source-only | self-training | blda")],
@@ -40,6 +57,9 @@ def train(
     except ConfigError as err:
         _fail(str(err))
         return
+    problem = run_folder_problem(out, resume)
+    if problem is not None:
+        _fail(problem)
     import hashlib
     import json
 

@@ -176,3 +176,19 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
         res = runner.invoke(app, ["train", *args, "--data", str(tmp_path / "nodata"), "--out", str(tmp_path)])
         assert res.exit_code == 2, res.output
         assert needle in res.output and "Traceback" not in res.output
+
+
+def test_train_refuses_a_non_empty_out_unless_resuming(tmp_path: Path) -> None:
+    from blda.cli import app
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    args = ["train", "--arm", "source-only", "--data", str(tmp_path / "nodata"), "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "--out: expected a new or empty run folder" in res.output, res.output
+    assert "metrics.jsonl" in res.output and "--resume" in res.output and "Traceback" not in res.output
+    # With --resume the folder is accepted (here the missing data is the next error).
+    res = CliRunner().invoke(app, [*args, "--resume"])
+    assert res.exit_code == 2 and "expected a data folder" in res.output, res.output
+    assert (out / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
