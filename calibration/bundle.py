@@ -253,9 +253,37 @@ def read_manifest(path: str | Path) -> Manifest:
         raise BundleError(path, field, message) from exc
 
 
+def sniff_model_file(path: str | Path) -> str | None:
+    """What a model file is, from its first bytes: "a torch checkpoint" (torch.save writes a zip archive,
+    or a pickle in its legacy format), "an ONNX model" (a protobuf whose first field is ir_version), or
+    None. Lets a checkpoint given where a bundle is expected (and the reverse) be named in one line."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "a torch checkpoint"
+    if path.suffix == ".onnx" or head[:1] == b"\x08":
+        return "an ONNX model"
+    return None
+
+
 def load_bundle(directory: str | Path) -> Bundle:
     """Read and validate a bundle: manifest schema, file checksums, calibration arrays and their consistency."""
     directory = Path(directory)
+    if directory.is_file():
+        kind = sniff_model_file(directory)
+        hint = {
+            "a torch checkpoint": " (a torch checkpoint: export it with `blda export --checkpoint`, or pass it as --checkpoint)",
+            "an ONNX model": " (an ONNX model: bundle it with `blda bundle create --onnx`)",
+        }.get(kind or "", "")
+        raise BundleError(
+            directory,
+            "",
+            f"expected a bundle directory (NAME/VERSION/ with {MANIFEST_FILE}), got a file{hint}",
+        )
     if not directory.is_dir():
         raise BundleError(directory, "", "expected a bundle directory, but it does not exist")
     manifest = read_manifest(directory / MANIFEST_FILE)

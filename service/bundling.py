@@ -31,6 +31,7 @@ from calibration.bundle import (
     OutputSpec,
     Provenance,
     save_bundle,
+    sniff_model_file,
 )
 from calibration.labels import IGNORE_INDEX
 from calibration.logits import not_logits_reason
@@ -655,12 +656,7 @@ def _nothing() -> None:
 
 
 def _checkpoint_hint(path: Path) -> str | None:
-    """One line for a torch checkpoint given where an ONNX model is expected (instead of the parser's
-    paragraph). torch.save writes a zip archive (or a pickle, in the legacy format)."""
-    with path.open("rb") as f:
-        head = f.read(4)
-    if head.startswith(b"PK") or head[:1] == b"\x80":
-        return (
-            "a torch checkpoint (zip or pickle), not ONNX: export it first (`blda export --checkpoint ...`)"
-        )
+    """One line for a torch checkpoint given where an ONNX model is expected (not the parser's paragraph)."""
+    if sniff_model_file(path) == "a torch checkpoint":
+        return "a torch checkpoint, not ONNX: export it first (`blda export --checkpoint ...`)"
     return None
