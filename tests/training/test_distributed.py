@@ -173,3 +173,7 @@ def test_the_cpu_plan_builds_a_cpu_state_and_ddp_gets_no_device_ids(monkeypatch:
     assert next(state.model.parameters()).device.type == "cpu"
     assert state.gmm_source is not None and state.gmm_source.means.device.type == "cpu"
     assert not state.scaler.is_enabled()
+    # The plan's device_ids reach DDP unchanged (a GPU plan's [local rank]; the module stays on the CPU
+    # here: this checks the plumbing, it is not a GPU run).
+    loop.build_state(cfg, world_size=2, rank=1, plan=distributed.DevicePlan("cpu", "nccl", [3]), local_rank=3)
+    assert seen == {"device_ids": [3]}
