@@ -192,6 +192,19 @@ def _check_by_running(model: ServedModel) -> None:
             f"{model.bundle.model_path.name}'s output {model.bundle.manifest.output.name!r}, "
             f"got {tuple(logits.shape)}",
         )
+    sides_ok = all(
+        size // stride <= side <= -(-size // stride)
+        for size, side in zip((height, width), logits.shape[2:], strict=True)
+    )
+    if not sides_ok:
+        # The service resizes decisions to the image whatever the stride, but the manifest must describe
+        # the graph: tools that map logit pixels to image pixels read it.
+        raise BundleError(
+            model.bundle.directory / MANIFEST_FILE,
+            "output.stride",
+            f"expected logits of {expected[2]}x{expected[3]} for a {height}x{width} input "
+            f"(output.stride = {stride} in the manifest), got {logits.shape[2]}x{logits.shape[3]}",
+        )
 
 
 @dataclass(frozen=True)

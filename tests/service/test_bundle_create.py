@@ -272,7 +272,16 @@ def test_wrong_class_counts_name_the_field(foreign: dict[str, Path], tmp_path: P
     assert result.exit_code == 2, result.output
     assert f"{bundle / 'manifest.json'}: output.num_classes: expected logits (1, 8, h, w)" in result.output
     assert "got (1, 7," in result.output and "Traceback" not in result.output
-    raw["output"]["num_classes"] = 7  # now the classes list is one too long
+    raw["output"].update(num_classes=7, stride=2)
+    raw["classes"].pop()
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+    result = runner.invoke(app, ["bundle", "validate", str(bundle)])
+    assert (
+        result.exit_code == 2
+        and "manifest.json: output.stride: expected logits of 32x32 for a 64x64" in result.output
+    )
+    raw["classes"].append({"id": 7, "name": "extra", "color": [0, 0, 0]})
+    raw["output"].update(num_classes=7, stride=1)  # now the classes list is one too long
     (bundle / "manifest.json").write_text(json.dumps(raw))
     result = runner.invoke(app, ["bundle", "validate", str(bundle)])
     assert result.exit_code == 2 and "manifest.json: classes: expected classes with ids 0..6" in result.output
