@@ -123,8 +123,8 @@ class ModelRegistry:
         self._loader = loader
         self._settings_pins = dict(pinned_versions or {})
         self._default_setting = default_model
-        # Without a setting, the default is chosen once (the only model, or the first loaded with a
-        # loadable version) and kept: a model added later whose name sorts first must not take it over.
+        # Without a setting: the only model, else the first present (see _choose_default); kept while
+        # present, so a model added later whose name sorts first does not take it over.
         self._implicit_default: str | None = None
         self._states: Mapping[str, ModelState] = MappingProxyType({})
         self._lock = threading.Lock()
@@ -157,17 +157,27 @@ class ModelRegistry:
         if len(self._states) == 1:
             return "the only model (no default_model in the settings)"
         return (
-            "the first model loaded with a loadable version (no default_model in the settings; set it to "
-            "make the choice explicit)"
+            "the first model present: the earliest-created bundle among the loadable models (no "
+            "default_model in the settings; set it to make the choice explicit)"
         )
 
-    def _choose_default(self, load_order: list[str]) -> None:
-        """Keep the implicit default while it is still present; else the first loadable in load order."""
-        if self._implicit_default in self._states:
+    def _choose_default(self) -> None:
+        """Keep the implicit default while it is present and loadable; else the loadable model whose
+        bundles were created first (provenance.created), so that a model added later, whatever its name,
+        never takes over, and every worker and replica, restarted or not, picks the same one."""
+        current = self._states.get(self._implicit_default) if self._implicit_default is not None else None
+        if current is not None and current.active_model is not None:
             return
-        loadable = [n for n in load_order if self._states[n].active_model is not None]
-        candidates = loadable or load_order
-        self._implicit_default = candidates[0] if candidates else None
+
+        def first_created(state: ModelState) -> str:
+            created = [v.model.bundle.manifest.provenance.created for v in state.versions.values() if v.model]
+            return min(created)
+
+        loadable = [state for state in self._states.values() if state.active_model is not None]
+        if loadable:
+            self._implicit_default = min(loadable, key=lambda st: (first_created(st), st.name)).name
+        else:
+            self._implicit_default = min(self._states) if self._states else None
 
     def serving(self, name: str | None = None) -> ServedModel:
         """The active model version of ``name`` (default: the default model)."""
@@ -198,7 +208,7 @@ class ModelRegistry:
             for directory in _subdirectories(self.models_dir):
                 states[directory.name] = self._load_model(directory.name, None)
             self._states = MappingProxyType(states)
-            self._choose_default(list(states))
+            self._choose_default()
 
     def reload(self, name: str) -> ModelState:
         """Load every version of ``name`` from disk again (a new model directory is picked up too)."""
@@ -211,7 +221,7 @@ class ModelRegistry:
                 )
             state = self._load_model(name, self._states.get(name))
             self._swap(state)
-            self._choose_default([name])
+            self._choose_default()
             return state
 
     def activate(self, name: str, version: str) -> ModelState:

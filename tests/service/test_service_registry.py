@@ -243,10 +243,14 @@ def test_a_model_whose_directory_is_gone_keeps_serving_and_says_so(own_models_di
 
 
 def test_the_default_model_is_explicit_or_kept(tmp_path: Path, make_bundle: BundleFactory) -> None:
-    """Without default_model in the settings: the only model, then kept when a model whose name sorts
-    first appears; /v1/models says which and why."""
+    """Without default_model in the settings: the only model, then the first present (earliest created),
+    not the one whose name sorts first, also after a restart; /v1/models says which and why."""
     root = tmp_path / "models"
-    make_bundle(root, "zebra", "1")
+    zebra = make_bundle(root, "zebra", "1")
+    manifest_path = zebra / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["provenance"]["created"] = "2020-01-01T00:00:00+00:00"  # bundled long before the next model
+    manifest_path.write_text(json.dumps(raw))
     with TestClient(create_app(settings_for(root, default_model=None))) as client:
         (only,) = client.get("/v1/models").json()
         assert only["default"] is True and only["default_reason"].startswith("the only model")
@@ -254,8 +258,10 @@ def test_the_default_model_is_explicit_or_kept(tmp_path: Path, make_bundle: Bund
         assert client.post("/v1/models/aardvark/reload", headers=ADMIN).status_code == 200
         models = {m["name"]: m for m in client.get("/v1/models").json()}
         assert models["zebra"]["default"] is True and models["aardvark"]["default"] is False
-        assert models["zebra"]["default_reason"].startswith("the first model loaded")
+        assert models["zebra"]["default_reason"].startswith("the first model present")
         assert models["aardvark"]["default_reason"] is None
+        assert client.get("/readyz").json()["default_model"] == "zebra"
+    with TestClient(create_app(settings_for(root, default_model=None))) as client:  # a restart
         assert client.get("/readyz").json()["default_model"] == "zebra"
     with TestClient(create_app(settings_for(root, default_model="aardvark"))) as client:
         models = {m["name"]: m for m in client.get("/v1/models").json()}
