@@ -123,8 +123,8 @@ class ModelRegistry:
         self._loader = loader
         self._settings_pins = dict(pinned_versions or {})
         self._default_setting = default_model
-        # Without a setting: the only model, else the first present (see _choose_default); kept while
-        # present, so a model added later whose name sorts first does not take it over.
+        # Without a setting: the only model, else the first present (see _choose_default), so a model
+        # added later whose name sorts first does not take it over.
         self._implicit_default: str | None = None
         self._states: Mapping[str, ModelState] = MappingProxyType({})
         self._lock = threading.Lock()
@@ -162,12 +162,9 @@ class ModelRegistry:
         )
 
     def _choose_default(self) -> None:
-        """Keep the implicit default while it is present and loadable; else the loadable model whose
-        bundles were created first (provenance.created), so that a model added later, whatever its name,
-        never takes over, and every worker and replica, restarted or not, picks the same one."""
-        current = self._states.get(self._implicit_default) if self._implicit_default is not None else None
-        if current is not None and current.active_model is not None:
-            return
+        """The loadable model whose bundles were created first (provenance.created): a model added later,
+        whatever its name, never takes over, and being a function of what is on disk (not of load order),
+        every worker and replica, restarted or not, picks the same one."""
 
         def first_created(state: ModelState) -> str:
             created = [v.model.bundle.manifest.provenance.created for v in state.versions.values() if v.model]
