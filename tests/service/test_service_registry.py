@@ -242,7 +242,9 @@ def test_a_model_whose_directory_is_gone_keeps_serving_and_says_so(own_models_di
         assert version == "2" and np.array_equal(after, before)
 
 
-def test_the_default_model_is_explicit_or_the_first_present(tmp_path: Path, make_bundle: BundleFactory) -> None:
+def test_the_default_model_is_explicit_or_the_first_present(
+    tmp_path: Path, make_bundle: BundleFactory
+) -> None:
     """Without default_model in the settings: the only model, then the first present (earliest created),
     not the one whose name sorts first, also after a restart; /v1/models says which and why."""
     root = tmp_path / "models"
