@@ -235,6 +235,12 @@ def class_infos(classes: str | None, num_classes: int) -> list[ClassInfo]:
     return infos
 
 
+def classes_cityscapes() -> tuple[Any, ...]:
+    from training.data.classes import CLASSES  # numpy only: no torch on this path
+
+    return CLASSES
+
+
 def list_images(directory: Path, option: str) -> list[Path]:
     if not directory.is_dir():
         raise BundleError(directory, option, "expected a directory of images, got no such directory")
@@ -575,6 +581,13 @@ def create_bundle(options: CreateOptions, progress: Callable[[int], Advance] | N
     runner = Runner(session, graph, spec)
     num_classes, stride = probe(runner, o.onnx)
     classes = class_infos(o.classes, num_classes)
+    if calibrate and o.folders.label_format == "cityscapes-ids" and num_classes != len(classes_cityscapes()):
+        raise BundleError(
+            "command line",
+            "--label-format",
+            f"expected a model of the {len(classes_cityscapes())} Cityscapes classes for cityscapes-ids, "
+            f"got {num_classes} output channels (use train-ids)",
+        )
     result = None
     if calibrate:
         f = o.folders

@@ -296,6 +296,7 @@ def test_bad_inputs_are_one_line(foreign: dict[str, Path], tmp_path: Path) -> No
         (create_args(foreign["onnx"], "m", tmp_path / "m", None, "--input-name", "image"), "--input-name: expected one of the graph's inputs ['pixels'], got 'image'"),
         (create_args(foreign["onnx"], "m", tmp_path / "m", None, "--source-images", str(foreign["src_img"])), "command line: --source-labels: expected --source-images, --source-labels and --target-images together"),
         (create_args(foreign["onnx"], "m", tmp_path / "m", None, "--mean", "0.5,0.5"), "--mean: expected 3 numbers, got 2"),
+        (create_args(foreign["onnx"], "m", tmp_path / "m", foreign, "--label-format", "cityscapes-ids"), "--label-format: expected a model of the 19 Cityscapes classes for cityscapes-ids, got 7"),
         (["bundle", "validate", str(tmp_path / "nowhere")], "expected a bundle directory, but it does not exist"),
     ]  # fmt: skip
     for args, message in cases:
