@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from calibration.cli import app as calibrate_app
+from service.bundle_cli import app as bundle_app
 from service.cli import app as service_app
 from training.cli import app as training_app
 from training.data.cli import app as data_app
@@ -22,6 +23,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(calibrate_app, name="calibrate", help="Fit and apply calibration tables on logits files.")
+app.add_typer(
+    bundle_app,
+    name="bundle",
+    help="Bundle any ONNX segmentation model (create), check it (validate, inspect).",
+)
 app.add_typer(data_app)
 app.add_typer(train_app)
 app.add_typer(training_app)

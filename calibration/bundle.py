@@ -2,7 +2,9 @@
 
 Layout: ``models/<name>/<version>/`` holding
 
-- ``model.onnx``: input ``image`` float32 (N, 3, H, W), output ``logits`` float32 (N, C, H', W');
+- ``model.onnx``: one float32 input (N, 3, H, W) and one float32 logits output (N, C, H', W'), their graph
+  names recorded in the manifest (``input.name``, ``output.name``; "image" and "logits" by default, the
+  names `blda export` gives them, so bundles written before the fields existed still load);
 - ``calibration.npz``: the arrays of :class:`calibration.tables.CalibrationTables` (optional);
 - ``manifest.json``: :class:`Manifest`, including the sha256 of each file above.
 
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from calibration.tables import CalibrationFormatError, CalibrationTables
 
@@ -36,6 +39,8 @@ CALIBRATION_FILE = "calibration.npz"
 
 # Names and versions become path components and Prometheus label values: keep them tame.
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Error type of the classes-vs-num_classes check, reported on the field `classes`.
+_CLASSES_ERROR = "classes_vs_num_classes"
 
 
 class BundleError(Exception):
@@ -66,8 +71,10 @@ class ClassInfo(_Strict):
 
 
 class InputSpec(_Strict):
-    """How an RGB uint8 image becomes the model's ``image`` tensor: ``(x / pixel_scale - mean) / std``."""
+    """How an RGB uint8 image becomes the model's input tensor: ``(x / pixel_scale - mean) / std``."""
 
+    # The graph's input name (any exported model names its input its own way).
+    name: str = Field(default="image", min_length=1, max_length=256)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     pixel_scale: float = Field(default=255.0, gt=0)
@@ -92,6 +99,8 @@ class InputSpec(_Strict):
 
 
 class OutputSpec(_Strict):
+    # The graph's output holding the logits (N, C, H', W').
+    name: str = Field(default="logits", min_length=1, max_length=256)
     num_classes: int = Field(ge=2, le=255)
     # Input pixels per logit pixel along each side (4 for logits at 1/4 of the input).
     stride: int = Field(ge=1)
@@ -143,9 +152,11 @@ class Manifest(_Strict):
     def _classes_match_output(self) -> Manifest:
         ids = [c.id for c in self.classes]
         if ids != list(range(self.output.num_classes)):
-            raise ValueError(
-                f"expected classes with ids 0..{self.output.num_classes - 1} in order "
-                f"(output.num_classes = {self.output.num_classes}), got ids {ids}"
+            # A custom error type: read_manifest names the field `classes` (a model-level error has no loc).
+            raise PydanticCustomError(
+                _CLASSES_ERROR,
+                "expected classes with ids 0..{last} in order (output.num_classes = {n}), got ids {ids}",
+                {"last": self.output.num_classes - 1, "n": self.output.num_classes, "ids": str(ids)},
             )
         return self
 
@@ -232,17 +243,47 @@ def read_manifest(path: str | Path) -> Manifest:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "(root)"
+        if first["type"] == _CLASSES_ERROR:
+            field = "classes"
         message = first["msg"]
         if first["type"] == "missing":
             message = f"expected a field {field}, but it is missing"
-        elif "input" in first and first["type"] != "value_error":
+        elif "input" in first and first["type"] not in ("value_error", _CLASSES_ERROR):
             message = f"{message}, got {first['input']!r}"
         raise BundleError(path, field, message) from exc
+
+
+def sniff_model_file(path: str | Path) -> str | None:
+    """What a model file is, from its first bytes: "a torch checkpoint" (torch.save writes a zip archive,
+    or a pickle in its legacy format), "an ONNX model" (a protobuf whose first field is ir_version), or
+    None. Lets a checkpoint given where a bundle is expected (and the reverse) be named in one line."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "a torch checkpoint"
+    if path.suffix == ".onnx" or head[:1] == b"\x08":
+        return "an ONNX model"
+    return None
 
 
 def load_bundle(directory: str | Path) -> Bundle:
     """Read and validate a bundle: manifest schema, file checksums, calibration arrays and their consistency."""
     directory = Path(directory)
+    if directory.is_file():
+        kind = sniff_model_file(directory)
+        hint = {
+            "a torch checkpoint": " (a torch checkpoint: export it with `blda export --checkpoint`, or pass it as --checkpoint)",
+            "an ONNX model": " (an ONNX model: bundle it with `blda bundle create --onnx`)",
+        }.get(kind or "", "")
+        raise BundleError(
+            directory,
+            "",
+            f"expected a bundle directory (NAME/VERSION/ with {MANIFEST_FILE}), got a file{hint}",
+        )
     if not directory.is_dir():
         raise BundleError(directory, "", "expected a bundle directory, but it does not exist")
     manifest = read_manifest(directory / MANIFEST_FILE)
@@ -349,3 +390,42 @@ _VERSION_PART = re.compile(r"(\d+)|(\D+)")
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     """Natural sort key for versions ('0.10.0' > '0.9.1'; numbers compare as numbers)."""
     return tuple((0, int(num)) if num else (1, text) for num, text in _VERSION_PART.findall(version))
+
+
+def served_version(models_dir: str | Path, name: str) -> str | None:
+    """The version of ``name`` the service serves when nothing is pinned: the highest with a manifest."""
+    versions = [b.name for b in discover_bundles(models_dir) if b.parent.name == name]
+    return max(versions, key=version_key) if versions else None
+
+
+def served_note(models_dir: str | Path, name: str, written: str) -> str:
+    """One line saying which version of ``name`` the service will serve, after writing ``written``."""
+    served = served_version(models_dir, name)
+    if served == written:
+        return f"the service serves {name}/{written} (the highest version, unless another is pinned)"
+    return (
+        f"note: the service serves {name}/{served} (the highest version), not {name}/{written}, "
+        f"unless pinned (settings pinned_versions, or POST /v1/models/{name}/versions/{written}/activate)"
+    )
+
+
+def next_version(models_dir: str | Path, name: str) -> str:
+    """The version after the highest one of ``models_dir/name`` (its last number plus one), or "1.0.0".
+
+    The service serves the highest version, so a new bundle written below an existing one would silently
+    not be served: tools default to this instead of a fixed version.
+    """
+    root = Path(models_dir) / name
+    present = (
+        [p.name for p in root.iterdir() if p.is_dir() and re.match(_NAME_PATTERN, p.name)]
+        if root.is_dir()
+        else []
+    )
+    if not present:
+        return "1.0.0"
+    highest = max(present, key=version_key)
+    numbers = list(re.finditer(r"\d+", highest))
+    if not numbers:
+        return f"{highest}.1"
+    last = numbers[-1]
+    return f"{highest[: last.start()]}{int(last.group()) + 1}{highest[last.end() :]}"

@@ -79,6 +79,12 @@ def load_logits(path: Path, num_classes: int | None = None) -> np.ndarray:
     a = a.astype(np.float32, copy=False)
     if not np.all(np.isfinite(a)):
         raise InputFileError(path, "expected finite logits, got NaN or inf")
+    from calibration.logits import not_logits_reason
+
+    reason = not_logits_reason(a, channel_axis=1)
+    if reason is not None:
+        # Tables fitted on softmax outputs would shift scores the model never produces.
+        raise InputFileError(path, f"expected logits (N, C, H, W) (unnormalised scores), {reason}")
     return a
 
 

@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
 
 T = TypeVar("T")
 
@@ -118,7 +116,8 @@ class ServedModel:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 -> (N, C, h, w) float32 logits."""
-        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        manifest = self.bundle.manifest
+        (logits,) = self.session.run([manifest.output.name], {manifest.input.name: batch})
         return np.asarray(logits)
 
 
@@ -140,16 +139,22 @@ def load_served_model(directory: Path, threads: int, provider: str = "auto") -> 
         raise BundleError(
             bundle.model_path, "", f"expected an ONNX model onnxruntime can load, got: {exc}"
         ) from exc
+    # The graph's names are the manifest's (any exported model names them its own way).
+    input_name, output_name = manifest.input.name, manifest.output.name
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
-    if INPUT_NAME not in inputs or len(inputs[INPUT_NAME].shape) != 4:
+    if input_name not in inputs or len(inputs[input_name].shape) != 4:
         found = {name: i.shape for name, i in inputs.items()}
         raise BundleError(
-            bundle.model_path, "inputs", f"expected an input {INPUT_NAME!r} (N, 3, H, W), got {found}"
+            manifest_path,
+            "input.name",
+            f"expected an input {input_name!r} (N, 3, H, W) in {bundle.model_path.name}, got {found}",
         )
-    if OUTPUT_NAME not in outputs:
+    if output_name not in outputs:
         raise BundleError(
-            bundle.model_path, "outputs", f"expected an output {OUTPUT_NAME!r}, got {sorted(outputs)}"
+            manifest_path,
+            "output.name",
+            f"expected an output {output_name!r} in {bundle.model_path.name}, got {sorted(outputs)}",
         )
     spec = manifest.input
     model = ServedModel(
@@ -179,11 +184,26 @@ def _check_by_running(model: ServedModel) -> None:
     stride = model.bundle.manifest.output.stride
     expected = (1, model.num_classes, -(-height // stride), -(-width // stride))
     if logits.ndim != 4 or logits.shape[:2] != expected[:2]:
+        # The manifest and the graph disagree: name the manifest field an operator would fix.
         raise BundleError(
-            model.bundle.model_path,
-            "logits",
-            f"expected logits (1, {model.num_classes}, h, w) (output.num_classes in the manifest), "
+            model.bundle.directory / MANIFEST_FILE,
+            "output.num_classes",
+            f"expected logits (1, {model.num_classes}, h, w) (output.num_classes in the manifest) from "
+            f"{model.bundle.model_path.name}'s output {model.bundle.manifest.output.name!r}, "
             f"got {tuple(logits.shape)}",
+        )
+    sides_ok = all(
+        size // stride <= side <= -(-size // stride)
+        for size, side in zip((height, width), logits.shape[2:], strict=True)
+    )
+    if not sides_ok:
+        # The service resizes decisions to the image whatever the stride, but the manifest must describe
+        # the graph: tools that map logit pixels to image pixels read it.
+        raise BundleError(
+            model.bundle.directory / MANIFEST_FILE,
+            "output.stride",
+            f"expected logits of {expected[2]}x{expected[3]} for a {height}x{width} input "
+            f"(output.stride = {stride} in the manifest), got {logits.shape[2]}x{logits.shape[3]}",
         )
 
 

@@ -123,6 +123,9 @@ class ModelRegistry:
         self._loader = loader
         self._settings_pins = dict(pinned_versions or {})
         self._default_setting = default_model
+        # Without a setting: the only model, else the first present (see _choose_default), so a model
+        # added later whose name sorts first does not take it over.
+        self._implicit_default: str | None = None
         self._states: Mapping[str, ModelState] = MappingProxyType({})
         self._lock = threading.Lock()
 
@@ -142,7 +145,36 @@ class ModelRegistry:
     def default_name(self) -> str | None:
         if self._default_setting is not None:
             return self._default_setting
-        return min(self._states) if self._states else None
+        return self._implicit_default
+
+    @property
+    def default_reason(self) -> str:
+        """Why the default model is the default (shown by /v1/models)."""
+        if self._default_setting is not None:
+            return "set by default_model in the settings"
+        if self._implicit_default is None:
+            return "no model loaded"
+        if len(self._states) == 1:
+            return "the only model (no default_model in the settings)"
+        return (
+            "the first model present: the earliest-created bundle among the loadable models (no "
+            "default_model in the settings; set it to make the choice explicit)"
+        )
+
+    def _choose_default(self) -> None:
+        """The loadable model whose bundles were created first (provenance.created): a model added later,
+        whatever its name, never takes over, and being a function of what is on disk (not of load order),
+        every worker and replica, restarted or not, picks the same one."""
+
+        def first_created(state: ModelState) -> str:
+            created = [v.model.bundle.manifest.provenance.created for v in state.versions.values() if v.model]
+            return min(created)
+
+        loadable = [state for state in self._states.values() if state.active_model is not None]
+        if loadable:
+            self._implicit_default = min(loadable, key=lambda st: (first_created(st), st.name)).name
+        else:
+            self._implicit_default = min(self._states) if self._states else None
 
     def serving(self, name: str | None = None) -> ServedModel:
         """The active model version of ``name`` (default: the default model)."""
@@ -173,6 +205,7 @@ class ModelRegistry:
             for directory in _subdirectories(self.models_dir):
                 states[directory.name] = self._load_model(directory.name, None)
             self._states = MappingProxyType(states)
+            self._choose_default()
 
     def reload(self, name: str) -> ModelState:
         """Load every version of ``name`` from disk again (a new model directory is picked up too)."""
@@ -185,6 +218,7 @@ class ModelRegistry:
                 )
             state = self._load_model(name, self._states.get(name))
             self._swap(state)
+            self._choose_default()
             return state
 
     def activate(self, name: str, version: str) -> ModelState:

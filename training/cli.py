@@ -103,7 +103,12 @@ def export_command(
         "models"
     ),
     name: Annotated[str, typer.Option(help="Bundle (model) name.")] = "blda-synth",
-    version: Annotated[str, typer.Option(help="Bundle version.")] = "1.0.0",
+    version: Annotated[
+        str | None,
+        typer.Option(
+            help="Bundle version [default: the next after the highest in OUT/NAME, so it is served]."
+        ),
+    ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Training checkpoint or plain state dict.")] = None,
     network: Annotated[
         str | None, typer.Option(help="Network name (plain state dicts, --untrained).")
@@ -144,7 +149,11 @@ def export_command(
     set_: DataSet = None,
 ) -> None:
     """Export a model to a bundle: ONNX (checked, parity-tested), calibration tables, manifest."""
+    from calibration.bundle import next_version, served_note
+
     size: tuple[int, int] | str | None = "auto" if input_size == "auto" else _parse_size(input_size)
+    # A fixed default (1.0.0) beside a newer shipped version would be written and silently not served.
+    version = version or next_version(out, name)
     with _errors_exit():
         from training.export import run_export
 
@@ -170,6 +179,7 @@ def export_command(
             data_overrides=_data_overrides(source_format, target_format, set_),
         )
     typer.echo(json.dumps(result, indent=2))
+    typer.echo(served_note(out, name, version), err=True)
 
 
 @app.command("evaluate")

@@ -79,6 +79,9 @@ class OptimConfig:
     # "full": upsample logits to the label resolution before the losses (DAFormer); "logits": losses at
     # the logits' resolution with nearest-downsampled labels (cheaper).
     loss_resolution: str = "full"
+    # Mixed precision: the forward passes under autocast (bfloat16; float16 with loss scaling on GPUs
+    # without bfloat16), the GMMs, tables and losses in float32/float64. Off: bit-exact CPU reference runs.
+    amp: bool = False
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,25 @@ def load_model(checkpoint: str | Path, network: str | None = None, teacher: bool
     """A training checkpoint (a dict with "model" and, from the training loop, "network"/"config", GMM
     states and metrics) or a plain state-dict file (then `network` names the architecture). `teacher`
     takes the EMA teacher's weights of a self-training checkpoint instead of the student's."""
+    from calibration.bundle import MANIFEST_FILE, sniff_model_file
+
     path = Path(checkpoint)
+    if path.is_dir() and (path / MANIFEST_FILE).is_file():
+        raise ExportError(
+            f"{path}: expected a torch checkpoint file, got a bundle directory (pass it as --bundle)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: expected a checkpoint file, got no such file")
+    if sniff_model_file(path) == "an ONNX model":
+        # torch.load's answer would be a paragraph about pickles and weights_only.
+        raise ExportError(
+            f"{path}: expected a torch checkpoint, got an ONNX model (pass its bundle directory as --bundle)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a file that is not a checkpoint
-        raise ExportError(f"{path}: expected a torch checkpoint, got an unreadable file ({exc})") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path}: expected a torch checkpoint, got an unreadable file ({first})") from exc
     if not isinstance(state, dict):
         raise ExportError(
             f"{path}: expected a dict (a checkpoint or a state dict), got {type(state).__name__}"

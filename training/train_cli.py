@@ -15,6 +15,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def run_folder_problem(out: Path, resume: bool) -> str | None:
+    """Why `out` cannot take a new run: a non-empty folder would get a second run appended to its
+    metrics.jsonl and its checkpoint overwritten. --resume continues the run that is there."""
+    if resume or not out.exists():
+        return None
+    if not out.is_dir():
+        return f"--out: expected a run folder, got a file: {out}"
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        return (
+            f"--out: expected a new or empty run folder, got {out} holding {shown} "
+            "(--resume continues the run there; or choose another --out)"
+        )
+    return None
+
+
 @app.command("train")
 def train(
     arm: Annotated[str, typer.Option(help="source-only | self-training | blda")],
@@ -33,6 +50,11 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Seed (overrides the config).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.pt if present.")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads per process.")] = 1,
+    device: Annotated[
+        str,
+        typer.Option(help="auto (CUDA when available) | cpu | cuda; under torchrun, the local rank's GPU."),
+    ] = "auto",
+    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (sets optim.amp=true).")] = False,
     cache_dir: Annotated[
         Path | None,
         typer.Option(help="Keep the datasets decoded and rescaled here (when the scale is fixed); reused."),
@@ -41,11 +63,19 @@ def train(
     """Train one arm; under `torchrun --nproc_per_node N` the processes train data-parallel."""
     from training.config import ConfigError, load_config
 
+    overrides = [*(set_ or ()), *(["optim.amp=true"] if amp else [])]
     try:
-        cfg = load_config(arm, config, set_ or (), seed)
+        cfg = load_config(arm, config, overrides, seed)
     except ConfigError as err:
         _fail(str(err))
         return
+    problem = run_folder_problem(out, resume)
+    if problem is not None:
+        _fail(problem)
+    from training.distributed import DEVICES
+
+    if device not in DEVICES:
+        _fail(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
     import hashlib
     import json
 
@@ -94,7 +124,7 @@ def train(
         ]
         domains = Domains(cached[0], cached[1], cached[2], prescale=d.scale_min)
     try:
-        result = run_training(cfg, domains, out, resume=resume)
+        result = run_training(cfg, domains, out, resume=resume, device=device)
     except (FileNotFoundError, ValueError) as err:  # a bad init checkpoint, a bad resume file
         _fail(str(err))
         return

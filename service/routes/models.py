@@ -44,6 +44,10 @@ class VersionInfo(BaseModel):
 class ModelSummary(BaseModel):
     name: str
     default: bool
+    default_reason: str | None = Field(
+        default=None,
+        description="on the default model: why it is the default (settings, the only, first loaded)",
+    )
     active_version: str | None
     pinned_version: str | None
     versions: list[VersionInfo]
@@ -101,10 +105,12 @@ def _version_info(state: VersionState, active: bool) -> VersionInfo:
     )
 
 
-def summarise(state: ModelState, default_name: str | None) -> ModelSummary:
+def summarise(state: ModelState, default_name: str | None, default_reason: str | None = None) -> ModelSummary:
+    is_default = state.name == default_name
     return ModelSummary(
         name=state.name,
-        default=state.name == default_name,
+        default=is_default,
+        default_reason=default_reason if is_default else None,
         active_version=state.active,
         pinned_version=state.pinned,
         versions=[_version_info(v, v.version == state.active) for v in state.versions.values()],
@@ -120,7 +126,7 @@ _P: dict[str, Any] = {"content": {"application/problem+json": {}}}
     responses={503: {"description": "Starting", **_P}},
 )
 async def list_models(registry: RegistryDep) -> list[ModelSummary]:
-    return [summarise(state, registry.default_name) for state in registry.models()]
+    return [summarise(state, registry.default_name, registry.default_reason) for state in registry.models()]
 
 
 @router.get(
@@ -137,7 +143,7 @@ async def get_model(name: ModelNameParam, registry: RegistryDep) -> ModelDetail:
         state = registry.get(name)
     except RegistryError as exc:
         raise problem_from(exc) from exc
-    summary = summarise(state, registry.default_name)
+    summary = summarise(state, registry.default_name, registry.default_reason)
     model = state.active_model
     if model is None:
         return ModelDetail(**summary.model_dump(), classes=[], input={}, output={}, provenance={})

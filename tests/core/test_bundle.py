@@ -188,3 +188,34 @@ def test_invalid_names_rejected() -> None:
 def test_version_order() -> None:
     versions = ["0.9.1", "0.10.0", "0.2.0", "1.0.0", "2"]
     assert sorted(versions, key=version_key) == ["0.2.0", "0.9.1", "0.10.0", "1.0.0", "2"]
+
+
+def test_next_version_follows_the_highest_present(tmp_path: Path) -> None:
+    from calibration.bundle import next_version
+
+    assert next_version(tmp_path, "m") == "1.0.0"
+    for version in ("1.0.0", "1.10.0", "1.9.3", ".1.11.0.tmp"):  # the hidden staging dir does not count
+        (tmp_path / "m" / version).mkdir(parents=True)
+    assert next_version(tmp_path, "m") == "1.10.1"
+    (tmp_path / "n" / "3").mkdir(parents=True)
+    assert next_version(tmp_path, "n") == "4"
+
+
+def test_graph_names_default_for_bundles_written_before_they_were_recorded(bundle_dir: Path) -> None:
+    path = bundle_dir / MANIFEST_FILE
+    raw = json.loads(path.read_text())
+    del raw["input"]["name"], raw["output"]["name"]
+    path.write_text(json.dumps(raw))
+    manifest = load_bundle(bundle_dir).manifest
+    assert (manifest.input.name, manifest.output.name) == ("image", "logits")
+
+
+def test_classes_that_disagree_with_num_classes_name_the_field(bundle_dir: Path) -> None:
+    path = bundle_dir / MANIFEST_FILE
+    raw = json.loads(path.read_text())
+    raw["classes"] = raw["classes"][:-1]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle_dir)
+    assert err.value.field == "classes"
+    assert f"expected classes with ids 0..{C - 1} in order (output.num_classes = {C})" in str(err.value)

@@ -15,6 +15,8 @@ from calibration.cli import app
 
 C, N, H, W = 19, 2, 12, 16
 runner = CliRunner()
+_SCORES = np.random.default_rng(5).normal(0, 2, (N, C, H, W))
+_PROBS = np.exp(_SCORES) / np.exp(_SCORES).sum(axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,9 @@ def _assert_clean_error(result: Result, path: Path, expected: str) -> None:
             "expected a single array or the key",
         ),
         ("logits", "corrupt.npy", b"not an array at all", "expected a readable .npy array file"),
+        # Softmax outputs in float16 (sums off by ~1e-3) and log-softmax outputs are told apart from logits.
+        ("logits", "probs.npy", _PROBS.astype(np.float16), "got probabilities: every value is in [0, 1]"),
+        ("target", "logprobs.npy", np.log(_PROBS).astype(np.float32), "got log-probabilities"),
         ("logits", "wrong.txt", b"1 2 3", "expected a .npy or .npz file"),
         (
             "labels",

@@ -64,8 +64,14 @@ def test_a_model_that_disagrees_with_its_manifest_fails_at_load(tmp_path: Path) 
     wrong_input = save_bundle(
         tmp_path, tiny_model(0, input_name="pixels"), None, manifest("b", "1", calibrated=False)
     )
-    with pytest.raises(BundleError, match="expected an input 'image'"):
+    with pytest.raises(BundleError, match="expected an input 'image'") as err:
         load_served_model(wrong_input, threads=1)
+    assert err.value.field == "input.name"
+    # The same graph loads and runs once the manifest records its input name.
+    plain = manifest("e", "1", calibrated=False)
+    named = plain.model_copy(update={"input": plain.input.model_copy(update={"name": "pixels"})})
+    served = load_served_model(save_bundle(tmp_path, tiny_model(0, input_name="pixels"), None, named), 1)
+    assert served.run(np.zeros((1, 3, 16, 16), np.float32)).shape == (1, 19, 4, 4)
     not_onnx = save_bundle(tmp_path, b"\x08\x01garbage", None, manifest("c", "1", calibrated=False))
     with pytest.raises(BundleError, match="expected an ONNX model onnxruntime can load"):
         load_served_model(not_onnx, threads=1)

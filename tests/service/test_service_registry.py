@@ -56,7 +56,11 @@ def test_models_listing(client: TestClient) -> None:
     assert tiny["versions"][1]["calibration"]["available"] is True
     assert models["plain"]["versions"][0]["calibration"]["available"] is False
     detail = client.get("/v1/models/tiny").json()
-    assert len(detail["classes"]) == 19 and detail["output"] == {"num_classes": 19, "stride": 4}
+    assert len(detail["classes"]) == 19 and detail["output"] == {
+        "name": "logits",
+        "num_classes": 19,
+        "stride": 4,
+    }
     assert detail["provenance"]["trained"] is False
     missing = client.get("/v1/models/nope")
     assert missing.status_code == 404 and missing.json()["type"] == "/problems/model-not-found"
@@ -236,3 +240,31 @@ def test_a_model_whose_directory_is_gone_keeps_serving_and_says_so(own_models_di
         assert "it is gone" in str(listed["2"]["error"])
         version, after = segment(client)
         assert version == "2" and np.array_equal(after, before)
+
+
+def test_the_default_model_is_explicit_or_the_first_present(
+    tmp_path: Path, make_bundle: BundleFactory
+) -> None:
+    """Without default_model in the settings: the only model, then the first present (earliest created),
+    not the one whose name sorts first, also after a restart; /v1/models says which and why."""
+    root = tmp_path / "models"
+    zebra = make_bundle(root, "zebra", "1")
+    manifest_path = zebra / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["provenance"]["created"] = "2020-01-01T00:00:00+00:00"  # bundled long before the next model
+    manifest_path.write_text(json.dumps(raw))
+    with TestClient(create_app(settings_for(root, default_model=None))) as client:
+        (only,) = client.get("/v1/models").json()
+        assert only["default"] is True and only["default_reason"].startswith("the only model")
+        make_bundle(root, "aardvark", "1", calibrated=False)
+        assert client.post("/v1/models/aardvark/reload", headers=ADMIN).status_code == 200
+        models = {m["name"]: m for m in client.get("/v1/models").json()}
+        assert models["zebra"]["default"] is True and models["aardvark"]["default"] is False
+        assert models["zebra"]["default_reason"].startswith("the first model present")
+        assert models["aardvark"]["default_reason"] is None
+        assert client.get("/readyz").json()["default_model"] == "zebra"
+    with TestClient(create_app(settings_for(root, default_model=None))) as client:  # a restart
+        assert client.get("/readyz").json()["default_model"] == "zebra"
+    with TestClient(create_app(settings_for(root, default_model="aardvark"))) as client:
+        models = {m["name"]: m for m in client.get("/v1/models").json()}
+        assert models["aardvark"]["default_reason"] == "set by default_model in the settings"

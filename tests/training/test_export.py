@@ -205,6 +205,11 @@ def test_cli_untrained_export_and_errors(tmp_path: Path) -> None:
     assert summary["trained"] is False
     bundle = load_bundle(tmp_path / "x" / "0")
     assert not bundle.manifest.provenance.trained and "UNTRAINED" in bundle.manifest.description
+    # Without --version: the next version after the highest present, so the export is the one served.
+    again = runner.invoke(app, args[:-2])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "x" / "1" / "manifest.json").is_file()
+    assert "the service serves x/1 (the highest version" in again.stderr
     bad = runner.invoke(app, ["export", "--out", str(tmp_path)])
     assert bad.exit_code == 2
     assert "expected --checkpoint" in bad.stderr and "Traceback" not in bad.output
@@ -219,3 +224,23 @@ def test_root_cli_lists_the_commands() -> None:
     assert result.exit_code == 0
     for command in ("evaluate", "export", "diagnose"):
         assert command in result.stdout
+
+
+def test_a_checkpoint_where_a_bundle_is_expected_and_the_reverse_is_one_line(tmp_path: Path) -> None:
+    from blda.cli import app
+
+    shipped = Path(__file__).resolve().parents[2] / "models" / "blda-synth" / "1.1.0"
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"model": {}}, checkpoint)
+    data = tmp_path / "data"
+    cases = [
+        (["export", "--checkpoint", str(shipped / "model.onnx"), "--out", str(tmp_path)], "expected a torch checkpoint, got an ONNX model (pass its bundle directory as --bundle)"),
+        (["export", "--checkpoint", str(shipped), "--out", str(tmp_path)], "expected a torch checkpoint file, got a bundle directory"),
+        (["evaluate", "--bundle", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "e")], "expected a bundle directory (NAME/VERSION/ with manifest.json), got a file (a torch checkpoint"),
+        (["evaluate", "--bundle", str(shipped / "model.onnx"), "--data", str(data), "--out", str(tmp_path / "e")], "got a file (an ONNX model: bundle it with `blda bundle create --onnx`)"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr and "Traceback" not in result.output, result.output
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -167,7 +167,15 @@ def open_model(
 
         b = load_bundle(bundle)
         spec = b.manifest.input
-        predictor: Predictor = OnnxPredictor(b.model_path, spec.mean, spec.std, spec.pixel_scale, threads)
+        predictor: Predictor = OnnxPredictor(
+            b.model_path,
+            spec.mean,
+            spec.std,
+            spec.pixel_scale,
+            threads,
+            input_name=spec.name,
+            output_name=b.manifest.output.name,
+        )
         if input_scale is not None:
             predictor = ResizingPredictor(predictor, scale=input_scale)
         elif spec.size is not None:

@@ -39,6 +39,8 @@ class OnnxPredictor:
         std: Sequence[float],
         pixel_scale: float = 255.0,
         threads: int = 2,
+        input_name: str = "image",
+        output_name: str = "logits",
     ) -> None:
         import onnxruntime as ort
 
@@ -51,11 +53,12 @@ class OnnxPredictor:
         self.mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
         self.pixel_scale = np.float32(pixel_scale)
+        self.input_name, self.output_name = input_name, output_name  # the manifest's graph names
 
     def __call__(self, images: np.ndarray) -> np.ndarray:  # (N, H, W, 3) uint8
         x = images.astype(np.float32).transpose(0, 3, 1, 2) / self.pixel_scale  # (N, 3, H, W)
         x = np.ascontiguousarray((x - self.mean) / self.std, dtype=np.float32)
-        (logits,) = self.session.run(["logits"], {"image": x})
+        (logits,) = self.session.run([self.output_name], {self.input_name: x})
         return np.asarray(logits, dtype=np.float32)
 
 

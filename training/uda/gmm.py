@@ -116,7 +116,8 @@ def sample_pairs(
     z = logits[valid]  # (V, C)
     class_counts = torch.bincount(y, minlength=num_classes).to(STAT_DTYPE)  # (C,)
     # Sorting by label + U[0, 1) groups pixels by class in a random order within each class.
-    keys = y.to(torch.float64) + torch.rand(y.shape, generator=generator, dtype=torch.float64)
+    # Drawn on the generator's device (the CPU), then moved: a CUDA run draws the same numbers.
+    keys = y.to(torch.float64) + torch.rand(y.shape, generator=generator, dtype=torch.float64).to(y.device)
     order = torch.argsort(keys)
     y_sorted = y[order]
     starts = torch.cumsum(class_counts, 0).long() - class_counts.long()  # (C,)
@@ -200,7 +201,9 @@ def pair_momentum(state: GmmState, iteration: int, cfg: OnlineGmmConfig) -> torc
     u times (its first estimates are averaged, not damped), at most `catchup_momentum` for a pair missed for
     `catchup_after` iterations or more."""
     ramp = min(1.0, (iteration + 1) / max(cfg.momentum_ramp_iters, 1))
-    scheduled = torch.full(state.counts.shape, cfg.momentum * ramp, dtype=STAT_DTYPE)
+    scheduled = torch.full(
+        state.counts.shape, cfg.momentum * ramp, dtype=STAT_DTYPE, device=state.counts.device
+    )
     updates = state.updates.to(STAT_DTYPE)
     momentum = torch.minimum(scheduled, updates / (updates + 1))
     missed = iteration - state.last_seen - 1
@@ -273,7 +276,7 @@ def pooled_anchors(state: GmmState, weighting: str = "pixels") -> tuple[Mixture,
     if weighting not in ("pixels", "classes"):
         raise ValueError(f"weighting: expected 'pixels' or 'classes', got {weighting!r}")
     c = state.num_classes
-    eye = torch.eye(c, dtype=torch.bool)
+    eye = torch.eye(c, dtype=torch.bool, device=state.counts.device)
     out: list[Mixture] = []
     for sel in (eye, ~eye):
         counts = state.counts[sel]  # (P,)
@@ -304,13 +307,13 @@ def build_anchor_table(
         raise ValueError("anchor: expected a mixture with a positive weight, got none (no pairs pooled)")
     lo = float((means - 9 * stds)[live].min())
     hi = float((means + 9 * stds)[live].max())
-    x1 = torch.linspace(lo, hi, num_knots, dtype=STAT_DTYPE)
+    x1 = torch.linspace(lo, hi, num_knots, dtype=STAT_DTYPE, device=means.device)
     first = AnchorTable(x=x1, p=torch.cummax(gmm_cdf(x1, weights, means, stds), 0).values)
-    p_grid = torch.linspace(0, 1, num_knots + 2, dtype=STAT_DTYPE)[1:-1]
+    p_grid = torch.linspace(0, 1, num_knots + 2, dtype=STAT_DTYPE, device=means.device)[1:-1]
     x = torch.sort(torch.cat([x1, inverse_anchor(p_grid, first)])).values
     p = torch.cummax(gmm_cdf(x, weights, means, stds), 0).values
     # Strictly increasing, so that flat stretches invert to a point rather than an interval.
-    p = p + torch.arange(p.numel(), dtype=STAT_DTYPE) * 1e-15
+    p = p + torch.arange(p.numel(), dtype=STAT_DTYPE, device=p.device) * 1e-15
     return AnchorTable(x=x, p=p)
 
 
@@ -345,7 +348,7 @@ def shift_exact(
     zz = z.to(STAT_DTYPE)
     q = gmm_cdf(zz, state.weights, state.means, state.stds).clamp(eps, 1 - eps)
     c = state.num_classes
-    eye = torch.eye(c, dtype=torch.bool)[..., None].expand_as(zz)
+    eye = torch.eye(c, dtype=torch.bool, device=zz.device)[..., None].expand_as(zz)
     target = torch.where(eye, inverse_anchor(q, anchors.positive), inverse_anchor(q, anchors.negative))
     return target - zz
 
@@ -387,14 +390,16 @@ def build_shift_table(
     quantile range [F_cl⁻¹(eps), F_cl⁻¹(1 − eps)], and Δ is held constant beyond it."""
     c = state.num_classes
     ends = gmm_quantile(
-        torch.tensor([eps, 1 - eps], dtype=STAT_DTYPE).expand(c, c, 2).contiguous(),
+        torch.tensor([eps, 1 - eps], dtype=STAT_DTYPE, device=state.weights.device)
+        .expand(c, c, 2)
+        .contiguous(),
         state.weights,
         state.means,
         state.stds,
     )  # (C, C, 2)
     lo = ends[..., 0]
     span = (ends[..., 1] - lo).clamp_min(1e-6 * (num_knots - 1))
-    t = torch.linspace(0, 1, num_knots, dtype=STAT_DTYPE)
+    t = torch.linspace(0, 1, num_knots, dtype=STAT_DTYPE, device=state.weights.device)
     knots = lo[..., None] + span[..., None] * t  # (C, C, M)
     delta = shift_exact(knots, state, anchors, eps)
     delta = torch.where(state.initialized[..., None], delta, torch.zeros_like(delta))
@@ -474,7 +479,7 @@ def calibrated_scores(
     with torch.no_grad():
         n, c, h, w = logits.shape
         z = logits.detach().float().permute(0, 2, 3, 1).reshape(-1, c)  # (P, C)
-        classes = torch.arange(c)
+        classes = torch.arange(c, device=logits.device)
         if top_k <= 0 or top_k >= c:
             hyp = classes.view(1, c).expand(z.shape[0], c)  # (P, H) all hypotheses
         else:

@@ -84,7 +84,7 @@ class Domains:
 
 @dataclass
 class TrainState:
-    model: nn.Module  # the student, possibly wrapped in DistributedDataParallel
+    model: nn.Module  # the student on its device, possibly wrapped in DistributedDataParallel
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     teacher: EmaTeacher | None = None
@@ -94,6 +94,8 @@ class TrainState:
     anchors: Anchors | None = None
     shift_source: ShiftTable | None = None
     shift_target: ShiftTable | None = None
+    # Loss scaling for float16 autocast (a no-op when disabled: float32, or bfloat16 which needs none).
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cuda", enabled=False))
 
 
 @dataclass
@@ -105,6 +107,8 @@ class StepContext:
     reduce: Callable[[torch.Tensor], torch.Tensor] = dist_utils.all_reduce_sum
     gather: Callable[[torch.Tensor], torch.Tensor] = dist_utils.all_gather_cat
     crops: dict[str, TrainCrops] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp_dtype: torch.dtype | None = None  # autocast dtype of the forward passes (optim.amp); None: float32
 
 
 def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
@@ -133,7 +137,25 @@ def gmm_config(cfg: TrainConfig) -> OnlineGmmConfig:
     )
 
 
-def build_state(cfg: TrainConfig, world_size: int = 1, rank: int = 0) -> TrainState:
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """optim.amp: bfloat16 autocast (no loss scaling needed), float16 on GPUs without bfloat16."""
+    if not cfg.optim.amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def build_state(
+    cfg: TrainConfig,
+    world_size: int = 1,
+    rank: int = 0,
+    plan: dist_utils.DevicePlan | None = None,
+    local_rank: int | None = None,
+) -> TrainState:
+    """Network, teacher, optimiser and GMM states on the plan's device (the CPU by default)."""
+    plan = plan or dist_utils.DevicePlan("cpu", "gloo", None)
+    device = torch.device(plan.device)
     torch.manual_seed(cfg.seed)
     model = build_network(cfg.model.network, cfg.model.num_classes)
     if cfg.model.init_checkpoint:
@@ -144,16 +166,47 @@ def build_state(cfg: TrainConfig, world_size: int = 1, rank: int = 0) -> TrainSt
             raise ValueError(
                 f"model.init_checkpoint: expected weights of {cfg.model.network}, got: {str(err).splitlines()[0]}"
             ) from err
+    # On the device before the teacher copies it and the optimiser takes its parameters.
+    model = model.to(device)
     teacher = EmaTeacher(model) if cfg.self_training.enabled else None
-    info = dist_utils.DistInfo(rank=rank, world_size=world_size, local_rank=rank)
-    wrapped = dist_utils.wrap_ddp(model, info)
+    info = dist_utils.DistInfo(
+        rank=rank, world_size=world_size, local_rank=rank if local_rank is None else local_rank
+    )
+    wrapped = dist_utils.wrap_ddp(model, info, plan.device_ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     gs = gt = None
     if cfg.blda.enabled:
-        gs = GmmState.empty(cfg.model.num_classes, cfg.blda.components)
-        gt = GmmState.empty(cfg.model.num_classes, cfg.blda.components)
-    return TrainState(wrapped, optimizer, scheduler, teacher, gs, gt)
+        gs = GmmState.empty(cfg.model.num_classes, cfg.blda.components).to(device)
+        gt = GmmState.empty(cfg.model.num_classes, cfg.blda.components).to(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(cfg, device) == torch.float16)
+    return TrainState(wrapped, optimizer, scheduler, teacher, gs, gt, scaler=scaler)
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    if batch.images.device == device:
+        return batch
+    labels = batch.labels.to(device, non_blocking=True) if batch.labels is not None else None
+    return Batch(batch.images.to(device, non_blocking=True), labels)
+
+
+def _forward(model: nn.Module, images: torch.Tensor, ctx: StepContext) -> Any:
+    """The network's outputs, under autocast with optim.amp; returned in float32, since the GMM updates,
+    tables and losses after it need float32 (the tables are float64 inside)."""
+    if ctx.amp_dtype is None:
+        return model(images)
+    with torch.autocast(device_type=ctx.device.type, dtype=ctx.amp_dtype):
+        out = model(images)
+    return type(out)(*(t.float() if isinstance(t, torch.Tensor) else t for t in out))
+
+
+def _teacher_logits(
+    teacher: EmaTeacher, images: torch.Tensor, ctx: StepContext, batch_stats: bool
+) -> torch.Tensor:
+    if ctx.amp_dtype is None:
+        return teacher(images, batch_stats=batch_stats)
+    with torch.autocast(device_type=ctx.device.type, dtype=ctx.amp_dtype):
+        return teacher(images, batch_stats=batch_stats).float()
 
 
 def _crops(ctx: StepContext) -> dict[str, TrainCrops]:
@@ -175,7 +228,7 @@ def load_batches(ctx: StepContext, iteration: int) -> tuple[Batch, Batch | None]
         iteration_seed(cfg.seed, iteration, ctx.rank, STREAM_SOURCE),
         ctx.domains.rcs if cfg.data.rare_class_sampling else None,
     )
-    source = collate([crops["source"][k] for k in keys])
+    source = _to(collate([crops["source"][k] for k in keys]), ctx.device)
     target = None
     if cfg.self_training.enabled:
         tkeys = draw_indices(
@@ -183,7 +236,7 @@ def load_batches(ctx: StepContext, iteration: int) -> tuple[Batch, Batch | None]
             cfg.data.batch_target,
             iteration_seed(cfg.seed, iteration, ctx.rank, STREAM_TARGET),
         )
-        target = collate([crops["target"][k] for k in tkeys])
+        target = _to(collate([crops["target"][k] for k in tkeys]), ctx.device)
     return source, target
 
 
@@ -292,7 +345,7 @@ def _source_loss(
     cfg, b = ctx.cfg, ctx.cfg.blda
     it = state.iteration
     assert source.labels is not None
-    out = state.model(source.images)
+    out = _forward(state.model, source.images, ctx)
     full = cfg.optim.loss_resolution == "full"
     z, y = _delta_inputs(out.logits, source.labels, cfg) if b.enabled else (out.logits, source.labels)
     if b.enabled:
@@ -310,9 +363,11 @@ def _source_loss(
     return loss
 
 
-def _pseudo_weight_map(weight: float, shape: Sequence[int], ignore_bottom: float) -> torch.Tensor:
+def _pseudo_weight_map(
+    weight: float, shape: Sequence[int], ignore_bottom: float, device: torch.device | None = None
+) -> torch.Tensor:
     """(N, H, W) pseudo-label weights: DACS' scalar confidence share, 0 on the ignored bottom rows."""
-    w = torch.full(tuple(shape), weight)
+    w = torch.full(tuple(shape), weight, device=device)
     rows = round(shape[-2] * ignore_bottom)
     if rows > 0:
         w[..., shape[-2] - rows :, :] = 0.0
@@ -334,7 +389,7 @@ def _mixed_loss(
     it = state.iteration
     assert state.teacher is not None and source.labels is not None
     full = cfg.optim.loss_resolution == "full"
-    t_logits = state.teacher(target.images, batch_stats=st.teacher_bn == "batch")
+    t_logits = _teacher_logits(state.teacher, target.images, ctx, batch_stats=st.teacher_bn == "batch")
     size = (target.images.shape[-2], target.images.shape[-1])
     scores = None
     if correcting and b.correct_pseudo_labels and state.shift_target is not None:
@@ -349,11 +404,12 @@ def _mixed_loss(
     mask = (
         class_masks(source.labels, gen) if st.classmix else torch.zeros_like(source.labels, dtype=torch.bool)
     )
-    pseudo_weight = _pseudo_weight_map(pl.weight, pl.labels.shape, st.pseudo_ignore_bottom)
+    pseudo_weight = _pseudo_weight_map(pl.weight, pl.labels.shape, st.pseudo_ignore_bottom, pl.labels.device)
     mixed = classmix(source.images, source.labels, target.images, pl.labels, pseudo_weight, mask)
-    mean, std = torch.tensor(IMAGE_MEAN), torch.tensor(IMAGE_STD)
+    mean = torch.tensor(IMAGE_MEAN, device=mixed.images.device)
+    std = torch.tensor(IMAGE_STD, device=mixed.images.device)
     images = strong_augment(mixed.images, mean, std, cfg.data.color_jitter, cfg.data.blur, gen)
-    out_m = state.model(images)
+    out_m = _forward(state.model, images, ctx)
     z = (
         _blda_mixed(state, ctx, out_m.logits, mixed, pl.confidence, correcting, gmm_gen)
         if b.enabled
@@ -420,17 +476,19 @@ def train_step(state: TrainState, ctx: StepContext) -> dict[str, float]:
     correcting = b.enabled and it >= b.start_iter and state.shift_source is not None
 
     loss_src = _source_loss(state, ctx, source, correcting, gmm_gen)
-    loss_src.backward()
+    state.scaler.scale(loss_src).backward()
     metrics = {"loss_source": float(loss_src.detach())}
     if st.enabled and target is not None and it >= st.start_iter:
         loss_mix, pseudo_weight = _mixed_loss(state, ctx, source, target, correcting, gen, gmm_gen)
-        loss_mix.backward()
+        state.scaler.scale(loss_mix).backward()
         metrics["loss_mix"] = float(loss_mix.detach())
         metrics["pseudo_weight"] = pseudo_weight
 
     if cfg.optim.grad_clip > 0:
+        state.scaler.unscale_(state.optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip)
-    state.optimizer.step()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
     state.scheduler.step()
     if state.teacher is not None:
         state.teacher.update(dist_utils.unwrap(state.model), ema_alpha(it, st.ema_alpha))
@@ -462,6 +520,7 @@ def evaluate(model: nn.Module, dataset: EvalImages, num_classes: int, batch: int
     from training.evaluation.evaluate import class_metrics
 
     net = dist_utils.unwrap(model)
+    device = next(net.parameters()).device
     was_training = net.training
     net.eval()
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -469,24 +528,31 @@ def evaluate(model: nn.Module, dataset: EvalImages, num_classes: int, batch: int
         items = [dataset[i] for i in range(start, min(len(dataset), start + batch))]
         b = collate(items)
         assert b.labels is not None
-        pred = predict(net, b.images).argmax(1).numpy()
+        pred = predict(net, b.images.to(device)).argmax(1).cpu().numpy()
         conf += confusion_matrix(pred, b.labels.numpy(), num_classes)
     net.train(was_training)
     return {**class_metrics(conf), "images": len(dataset)}
 
 
+def _cpu(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in weights.items()}
+
+
 def _checkpoint(state: TrainState, cfg: TrainConfig, metrics: dict[str, Any]) -> Checkpoint:
+    # Weights, GMM states and tables are saved on the CPU, so a GPU run's checkpoint loads (and exports,
+    # and evaluates) anywhere; the optimiser state is moved back to the parameters' device on load.
+    tables = _tables_dict(state)
     return Checkpoint(
         config=cfg,
         iteration=state.iteration,
-        model=dist_utils.unwrap(state.model).state_dict(),
-        teacher=state.teacher.state_dict() if state.teacher is not None else None,
+        model=_cpu(dist_utils.unwrap(state.model).state_dict()),
+        teacher=_cpu(state.teacher.state_dict()) if state.teacher is not None else None,
         optimizer=state.optimizer.state_dict(),
         scheduler=state.scheduler.state_dict(),
-        gmm_source=state.gmm_source,
-        gmm_target=state.gmm_target,
+        gmm_source=state.gmm_source.to("cpu") if state.gmm_source is not None else None,
+        gmm_target=state.gmm_target.to("cpu") if state.gmm_target is not None else None,
         rng=rng_state(),
-        tables=_tables_dict(state),
+        tables=_cpu(tables) if tables is not None else None,
         metrics=metrics,
     )
 
@@ -499,12 +565,14 @@ def restore(state: TrainState, ckpt: Checkpoint, cfg: TrainConfig) -> None:
         state.optimizer.load_state_dict(ckpt.optimizer)
     if ckpt.scheduler is not None:
         state.scheduler.load_state_dict(ckpt.scheduler)
-    state.gmm_source, state.gmm_target = ckpt.gmm_source, ckpt.gmm_target
+    device = next(dist_utils.unwrap(state.model).parameters()).device
+    state.gmm_source = ckpt.gmm_source.to(device) if ckpt.gmm_source is not None else None
+    state.gmm_target = ckpt.gmm_target.to(device) if ckpt.gmm_target is not None else None
     state.iteration = ckpt.iteration
     if ckpt.rng is not None:
         set_rng_state(ckpt.rng)
     if ckpt.tables is not None:
-        _load_tables(state, ckpt.tables)
+        _load_tables(state, {k: v.to(device) for k, v in ckpt.tables.items()})
 
 
 def _tables_dict(state: TrainState) -> dict[str, torch.Tensor] | None:
@@ -542,15 +610,18 @@ def run_training(
     resume: bool = False,
     stop_at: int | None = None,
     evaluate_at_end: bool = True,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Run (or resume) training; writes out_dir/{config.json, metrics.jsonl, checkpoint.pt, last.pt,
-    eval.json}. `stop_at` ends early after that many iterations (tests of exact resume)."""
+    eval.json}. `stop_at` ends early after that many iterations (tests of exact resume). `device`:
+    auto (CUDA when available), cpu or cuda (training.distributed.choose_device)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    info = dist_utils.init_from_env()
+    plan = dist_utils.device_plan(device)
+    info = dist_utils.init_from_env(plan)
     seed_everything(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    state = build_state(cfg, info.world_size, info.rank)
+    state = build_state(cfg, info.world_size, info.rank, plan, info.local_rank)
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
@@ -564,7 +635,14 @@ def run_training(
         domains = replace(
             domains, rcs=RareClassSampler(counts, cfg.data.rcs_temperature, cfg.data.rcs_min_pixels)
         )
-    ctx = StepContext(cfg=cfg, domains=domains, rank=info.rank, world_size=info.world_size)
+    ctx = StepContext(
+        cfg=cfg,
+        domains=domains,
+        rank=info.rank,
+        world_size=info.world_size,
+        device=torch.device(plan.device),
+        amp_dtype=amp_dtype(cfg, torch.device(plan.device)),
+    )
     if info.is_main:
         (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
     total = cfg.optim.iterations if stop_at is None else min(stop_at, cfg.optim.iterations)
@@ -644,6 +722,7 @@ def recalibrate_batchnorm(
     n = min(len(dataset), count)
     if n == 0:
         return
+    device = next(model.parameters()).device
     images = EvalImages(dataset, scale, 0)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]
@@ -657,7 +736,7 @@ def recalibrate_batchnorm(
         picks = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
         for start in range(0, n, batch):
             x = collate([_image_only(images, i) for i in picks[start : start + batch]]).images
-            model(x)
+            model(x.to(device))
     finally:
         for m, momentum in zip(norms, saved, strict=True):
             m.momentum = momentum

@@ -26,7 +26,8 @@ def class_masks(labels: torch.Tensor, generator: torch.Generator | None = None) 
         if classes.numel() == 0:
             masks.append(torch.zeros_like(lab, dtype=torch.bool))
             continue
-        order = torch.randperm(classes.numel(), generator=generator)
+        # Random draws come from the (CPU) generator and move to the data's device.
+        order = torch.randperm(classes.numel(), generator=generator).to(classes.device)
         chosen = classes[order[: (classes.numel() + 1) // 2]]
         masks.append(torch.isin(lab, chosen))
     return torch.stack(masks)
@@ -61,7 +62,7 @@ def strong_augment(
     n = images.shape[0]
     x = images * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)  # (N, 3, H, W) in [0, 1]
     if jitter > 0:
-        u = (torch.rand((n, 3), generator=generator) * 2 - 1) * jitter + 1  # (N, 3) factors
+        u = ((torch.rand((n, 3), generator=generator) * 2 - 1) * jitter + 1).to(x.device)  # (N, 3) factors
         x = x * u[:, 0].view(n, 1, 1, 1)
         grey = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - grey) * u[:, 1].view(n, 1, 1, 1) + grey
@@ -69,7 +70,7 @@ def strong_augment(
         x = (x - lum) * u[:, 2].view(n, 1, 1, 1) + lum
         x = x.clamp(0, 1)
     if blur:
-        sigmas = 0.15 + torch.rand(n, generator=generator) * 1.0  # (N,)
+        sigmas = 0.15 + torch.rand(n, generator=generator) * 1.0  # (N,) on the CPU
         apply = torch.rand(n, generator=generator) < 0.5
         radius = 2
         offsets = torch.arange(-radius, radius + 1, dtype=x.dtype)
@@ -79,7 +80,7 @@ def strong_augment(
                 out.append(x[i])
                 continue
             k = torch.exp(-0.5 * (offsets / sigmas[i]) ** 2)
-            k = k / k.sum()
+            k = (k / k.sum()).to(x.device)  # the kernel is built on the CPU
             xi = x[i : i + 1]
             xi = torch.nn.functional.conv2d(
                 torch.nn.functional.pad(xi, (radius, radius, 0, 0), mode="replicate"),

@@ -35,7 +35,7 @@ def pseudo_labels_from_probs(
     stats = torch.stack(
         [
             (confidence > threshold).sum().double(),
-            torch.tensor(float(confidence.numel()), dtype=torch.float64),
+            torch.tensor(float(confidence.numel()), dtype=torch.float64, device=confidence.device),
         ]
     )
     counts = torch.bincount(labels.reshape(-1), minlength=num_classes).double()
