@@ -193,7 +193,7 @@ def class_infos(classes: str | None, num_classes: int) -> list[ClassInfo]:
             ClassInfo(id=i, name=f"class{i}", color=tuple(colors[i].tolist())) for i in range(num_classes)
         ]
     if classes == "cityscapes":
-        from training.data.classes import CLASSES  # numpy only: no torch on this path
+        from calibration.classes import CLASSES
 
         infos = [ClassInfo(id=c.train_id, name=c.name, color=c.color) for c in CLASSES]
         source: str | Path = "--classes cityscapes"
@@ -236,7 +236,7 @@ def class_infos(classes: str | None, num_classes: int) -> list[ClassInfo]:
 
 
 def classes_cityscapes() -> tuple[Any, ...]:
-    from training.data.classes import CLASSES  # numpy only: no torch on this path
+    from calibration.classes import CLASSES
 
     return CLASSES
 
@@ -282,7 +282,7 @@ def read_label(path: Path, shape: tuple[int, int], label_format: str, num_classe
     if label.shape != shape:
         raise BundleError(path, "", f"expected the image's size {shape}, got {label.shape}")
     if label_format == "cityscapes-ids":
-        from training.data.classes import LABEL_TO_TRAIN  # numpy only
+        from calibration.classes import LABEL_TO_TRAIN
 
         if label.max(initial=0) > 255:
             raise BundleError(path, "", f"expected Cityscapes label ids (0..33), got {int(label.max())}")

@@ -24,10 +24,10 @@ from calibration.bundle import (
     Provenance,
     save_bundle,
 )
+from calibration.classes import CLASSES
 from calibration.refit import RefitConfig
 from calibration.tables import CalibrationTables, pit_check
 from training.config import DataConfig
-from training.data.classes import CLASSES
 from training.datasets import load_split, open_split
 from training.evaluation.evaluate import accumulate_confusions, class_metrics
 from training.evaluation.predictors import Predictor, ResizingPredictor, TorchPredictor

@@ -15,7 +15,7 @@ from training.data.augment import (
     random_crop,
     random_scale,
 )
-from training.data.classes import IGNORE_INDEX
+from calibration.classes import IGNORE_INDEX
 
 
 def _blocks(seed: int, h: int, w: int, cell: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data.classes import CLASS_NAMES
+from calibration.classes import CLASS_NAMES
 from training.data.datasets import FORMATS, DatasetError, FolderDataset, hold_out, open_dataset
 
 H, W = 6, 10

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data.classes import IGNORE_INDEX, LABEL_TO_TRAIN, TRAIN_ID
+from calibration.classes import IGNORE_INDEX, LABEL_TO_TRAIN, TRAIN_ID
 from training.data.datasets import CityscapesDataset, DatasetError, Gta5Dataset, Sample, SynthiaDataset
 from training.data.png16 import write_png16
 
@@ -110,7 +110,7 @@ def test_cityscapes_split_layout(tmp_path):
 
 @pytest.mark.parametrize("num_classes", [19, 16, 13])
 def test_synthia_16_bit_labels(tmp_path, num_classes):
-    from training.data.classes import synthia_lut
+    from calibration.classes import synthia_lut
 
     ids = make_synthia(tmp_path)
     ds = SynthiaDataset(tmp_path, num_classes=num_classes)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data.classes import CLASSES, NUM_LABEL_IDS, TRAIN_ID
+from calibration.classes import CLASSES, NUM_LABEL_IDS, TRAIN_ID
 from training.data.datasets import CityscapesDataset, Gta5Dataset
 from training.data.sampling import class_pixel_counts
 from training.data.synth.config import (
@@ -91,7 +91,7 @@ def test_label_ids_are_valid_cityscapes_ids():
 
 
 def _frequencies(config: SynthConfig, domain: str, n: int) -> np.ndarray:
-    from training.data.classes import LABEL_TO_TRAIN
+    from calibration.classes import LABEL_TO_TRAIN
 
     total = np.zeros(19, dtype=np.int64)
     for i in range(n):
@@ -101,7 +101,7 @@ def _frequencies(config: SynthConfig, domain: str, n: int) -> np.ndarray:
 
 def _counts_with(config: SynthConfig, domain: str, n: int, classes: list[int]) -> np.ndarray:
     """How many images contain each class (robust to the size of single objects)."""
-    from training.data.classes import LABEL_TO_TRAIN
+    from calibration.classes import LABEL_TO_TRAIN
 
     seen = np.zeros(len(classes))
     for i in range(n):
@@ -160,7 +160,7 @@ def test_config_validation():
 
 
 def test_synthia_layout_writes_16_bit_synthia_ids_of_its_16_classes(tmp_path):
-    from training.data.classes import SYNTHIA_16_TRAIN_IDS, SYNTHIA_TO_TRAIN
+    from calibration.classes import SYNTHIA_16_TRAIN_IDS, SYNTHIA_TO_TRAIN
     from training.data.datasets import SynthiaDataset
     from training.data.png16 import png_header, read_png16
 

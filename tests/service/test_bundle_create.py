@@ -217,7 +217,7 @@ def test_a_model_without_folders_is_served_raw(foreign: dict[str, Path], tmp_pat
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped bundle is not in this checkout")
 def test_the_shipped_model_onnx_strided_output(tmp_path: Path) -> None:
-    from training.data.classes import CLASSES, LABEL_TO_TRAIN
+    from calibration.classes import CLASSES, LABEL_TO_TRAIN
 
     ids = np.array([c.label_id for c in CLASSES])
     folders = write_folders(tmp_path / "data", len(CLASSES), (64, 96), (3, 2), label_ids=ids)

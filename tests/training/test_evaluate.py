@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from calibration.classes import SUBSETS
 from calibration.distributions import fit_pair_gmms
 from calibration.tables import build_calibration_tables
-from training.data.classes import SUBSETS
 from training.data.datasets import Sample
 from training.evaluation.evaluate import accumulate_confusions, class_metrics, class_subset, evaluate
 from training.evaluation.predictors import upsample_logits
@@ -147,7 +147,7 @@ def test_resizing_predictor_feeds_the_model_the_resized_image() -> None:
 def test_synthia_subset_mious_from_one_confusion_by_hand() -> None:
     """19-way confusion: road 10 right and 2 as terrain, wall 5 right and 5 as road, nothing else. IoU(road)
     = 10 / (12 + 15 - 10), IoU(wall) = 5 / (10 + 5 - 5), IoU(terrain) = 0 (predicted, never labelled)."""
-    from training.data.classes import TRAIN_ID
+    from calibration.classes import TRAIN_ID
 
     road, wall, terrain = TRAIN_ID["road"], TRAIN_ID["wall"], TRAIN_ID["terrain"]
     conf = np.zeros((19, 19), np.int64)

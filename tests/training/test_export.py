@@ -12,9 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 from calibration.bundle import load_bundle
+from calibration.classes import CLASS_NAMES, PALETTE
 from calibration.distributions import fit_pair_gmms
 from calibration.tables import build_calibration_tables
-from training.data.classes import CLASS_NAMES, PALETTE
 from training.evaluation.predictors import OnnxPredictor, TorchPredictor
 from training.export import ExportSpec, check_onnx, export_bundle, parity_errors, to_onnx
 from training.models import ExportError, load_model

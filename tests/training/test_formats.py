@@ -15,8 +15,8 @@ from click.testing import Result
 from PIL import Image
 from typer.testing import CliRunner
 
+from calibration.classes import CLASSES, SYNTHIA_TO_TRAIN
 from training.config import DATA_FORMATS, ConfigError, DataConfig, data_config, load_config
-from training.data.classes import CLASSES, SYNTHIA_TO_TRAIN
 from training.data.datasets import FORMATS
 from training.data.png16 import write_png16
 from training.datasets import open_domains, open_split

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from training.data.classes import IGNORE_INDEX
+from calibration.classes import IGNORE_INDEX
 
 Size = tuple[int, int]  # (height, width)
 

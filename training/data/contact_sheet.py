@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.data.classes import IGNORE_INDEX, colorize
+from calibration.classes import IGNORE_INDEX, colorize
 from training.data.datasets import Sample, open_dataset
 
 

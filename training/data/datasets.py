@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from calibration.labels import IGNORE_INDEX
-from training.data.classes import (
+from calibration.classes import (
     CLASS_NAMES,
     LABEL_TO_TRAIN,
     NUM_CLASSES,

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from training.data.classes import IGNORE_INDEX, NUM_CLASSES
+from calibration.classes import IGNORE_INDEX, NUM_CLASSES
 
 
 def class_pixel_counts(

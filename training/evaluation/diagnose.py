@@ -129,8 +129,8 @@ def run_diagnose(
     """`blda diagnose`: writes OUT/diagnose.json and OUT/diagnose.png, returns the report. The data are
     read as the checkpoint's data config says (defaults for a plain state dict), with `data_overrides`
     ("key=value") on top."""
+    from calibration.classes import CLASS_NAMES
     from training.config import data_config
-    from training.data.classes import CLASS_NAMES
     from training.evaluation.plots import plot_diagnosis
 
     torch.set_num_threads(threads)

@@ -18,11 +18,11 @@ import torch
 
 from calibration.alignment import calibrated_decision
 from calibration.bias import bias_from_confusion, confusion_matrix, iou_from_confusion, subset_mean_iou
+from calibration.classes import NUM_CLASSES, SUBSETS
 from calibration.labels import IGNORE_INDEX
 from calibration.refit import RefitConfig
 from calibration.tables import CalibrationTables, pit_check
 from training.config import DataConfig, data_config
-from training.data.classes import NUM_CLASSES, SUBSETS
 from training.data.datasets import Sample
 from training.datasets import load_split
 from training.evaluation.predictors import (
@@ -159,7 +159,7 @@ def open_model(
     Images are resized before the model: by `input_scale` when given, else to the bundle's input size or
     by the checkpoint's evaluation scale (data.eval_scale), else not at all. A checkpoint's tables are its
     training-time GMM state (`tables="checkpoint"` in run_evaluate)."""
-    from training.data.classes import CLASS_NAMES
+    from calibration.classes import CLASS_NAMES
     from training.models import load_model
 
     if bundle is not None:

@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from training.data.classes import NUM_CLASSES, TRAIN_ID
+from calibration.classes import NUM_CLASSES, TRAIN_ID
 from training.data.synth.config import DomainStyle
 
 

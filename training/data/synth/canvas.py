@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.data.classes import TRAIN_ID
+from calibration.classes import TRAIN_ID
 
 # Internal id for the ego vehicle's bonnet: written as Cityscapes label id 1 ("ego vehicle"), i.e. ignored.
 EGO = 254

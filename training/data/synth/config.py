@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from training.data.classes import CLASS_NAMES
+from calibration.classes import CLASS_NAMES
 
 Rgb = tuple[float, float, float]
 T = TypeVar("T")

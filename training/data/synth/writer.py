@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.data.classes import (
+from calibration.classes import (
     CLASS_NAMES,
     CLASSES,
     LABEL_TO_TRAIN,

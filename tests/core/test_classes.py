@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from training.data import classes as K
+from calibration import classes as K
 
 
 def test_nineteen_classes_with_official_ids_and_palette():

@@ -1,4 +1,4 @@
-"""The 19 Cityscapes evaluation classes, their ids and palette, and the SYNTHIA mapping onto them.
+"""The 19 Cityscapes evaluation classes (the label convention shared by training, bundles and the service), their ids and palette, and the SYNTHIA mapping onto them.
 
 Cityscapes stores *label ids* (0..33) in its `gtFine_labelIds` PNGs and GTA5 uses the same ids; the 19
 evaluated classes get *train ids* 0..18, everything else maps to the ignore index. SYNTHIA-RAND-CITYSCAPES has
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calibration.labels import IGNORE_INDEX
+
 NUM_CLASSES = 19
 
 
