@@ -39,8 +39,9 @@ from calibration.alignment import candidate_counts
 from calibration.bundle import CalibrationSpec, discover_bundles, load_bundle, save_bundle, version_key
 from calibration.distributions import fit_pair_gmms
 from calibration.tables import build_calibration_tables
-from service.imaging import decode_image, encode_png_mask, preprocess, resize_nearest
-from service.inference import ServedModel, calibrated, load_served_model, raw_decision
+from service.imaging import decode_image, preprocess
+from service.inference import ServedModel, load_served_model
+from service.pipeline import options_from, segment_bytes
 from service.settings import ServiceSettings, available_cores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,15 +94,8 @@ def staged_models(bundle_dir: Path, root: Path, threads: int) -> tuple[Path, str
 
 
 def in_process(model: ServedModel, data: bytes, calibrate: bool, settings: ServiceSettings) -> bytes:
-    """What the service does for one request, minus HTTP."""
-    rgb = decode_image(data, settings.max_image_pixels)
-    image = preprocess(rgb, model.input_size(*rgb.shape[:2]), model.norm)
-    logits = model.run(image)[0]
-    raw, _ = raw_decision(logits)
-    mask = (
-        calibrated(logits, model, model.tau_default, settings.calibration_chunk_pixels) if calibrate else raw
-    )
-    return encode_png_mask(resize_nearest(mask, *rgb.shape[:2]), model.palette, settings.png_compress_level)
+    """What the service does for one request, minus HTTP: the same pipeline functions (service.pipeline)."""
+    return segment_bytes(model, data, options_from(settings, calibrate, model.tau_default)).body
 
 
 def free_port() -> int:

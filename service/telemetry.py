@@ -4,16 +4,17 @@ Two halves:
 
 - a pure core (:func:`pixel_weights`, :func:`bucket_counts`, :func:`request_stats`, :func:`bias_report`)
   that turns one :class:`~service.records.SegmentationRecord` into per-class increments with a few
-  vectorised passes (``np.bincount``/``np.searchsorted``) at the logit resolution;
+  vectorised passes (``np.bincount``/``np.searchsorted``) at the decision size;
 - :class:`Telemetry`, which only holds the ``prometheus_client`` objects and this process's running
   totals (for ``GET /v1/models/{name}/bias``) and adds the increments to them.
 
-**Pixels are counted at the input resolution.** The decision is computed on the logits (h, w) and the
-served mask is its nearest-neighbour resize to the uploaded image (H, W)
-(:func:`service.imaging.resize_nearest`). Each logit pixel therefore stands for a fixed number of input
-pixels, ``rows[i] * cols[j]`` where ``rows = bincount(nearest_indices(h, H))``; every counter and every
-histogram observation is weighted by it. The counts equal ``bincount`` of the served mask exactly,
-at the cost of the logit resolution (16 to 64 times fewer pixels).
+**Pixels are counted at the input resolution.** The decision is computed at the decision size (h, w),
+on logits upsampled bilinearly (calibration.segmentation), and the served mask is its nearest-neighbour
+resize to the uploaded image (H, W) (:func:`service.imaging.resize_nearest`). Each decision pixel
+therefore stands for a fixed number of input pixels, ``rows[i] * cols[j]`` where
+``rows = bincount(nearest_indices(h, H))``; every counter and every histogram observation is weighted by
+it. The counts equal ``bincount`` of the served mask exactly, at the cost of the decision size (4 to 16
+times fewer pixels than a large image at the default decision_scale).
 
 **Everything aggregates by summing.** Only counters and histograms are per request; ratios (shares,
 mean quantiles, IoU, Bias(l)) are left to PromQL recording rules (``deploy/prometheus/rules/``), so
@@ -208,14 +209,16 @@ def decision_stats(
 
 def request_stats(record: SegmentationRecord, quantiles: QuantileTables | None) -> RequestStats:
     """All per-class increments of one served request; quantiles from ``record.tables`` (None: no histograms)."""
-    logits = record.logits  # (C, h, w)
+    logits = record.logits  # (C, h', w') the model's logits: the class count (and maybe the decision size)
     num_classes = logits.shape[0]
-    weights = pixel_weights(record.raw_decision.shape, record.input_size)  # (h, w)
+    weights = pixel_weights(record.raw_decision.shape, record.input_size)  # (h, w) at the decision size
     raw = decision_stats(record.raw_decision, record.winning_logits, weights, num_classes, quantiles)
     if record.calibrated_decision is None:
         return RequestStats(num_classes=num_classes, raw=raw, calibrated=None, flipped=None)
     cal = record.calibrated_decision
-    cal_logits = np.take_along_axis(logits, cal[None].astype(np.intp), axis=0)[0]  # (h, w)
+    cal_logits = record.calibrated_logits
+    if cal_logits is None:
+        cal_logits = np.take_along_axis(logits, cal[None].astype(np.intp), axis=0)[0]  # (h, w)
     calibrated = decision_stats(cal, cal_logits, weights, num_classes, quantiles)
     changed = cal != record.raw_decision  # (h, w)
     flipped = np.stack(
