@@ -28,11 +28,11 @@ from service.dependencies import ObserversDep, RegistryDep, RunnerDep, SettingsD
 from service.feedback import FeedbackStore
 from service.imaging import ImageDecodeError, ImageTooLargeError
 from service.inference import InferenceRunner, ServedModel
-from service.names import ModelNameParam
+from service.names import NAME_PATTERN, ModelNameParam
 from service.pipeline import Decision, SegmentOptions, decide_for, decode, encode, options_from
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.records import SegmentationObserver, SegmentationRecord, StageTimings
-from service.registry import RegistryError
+from service.registry import ModelRegistry, NotReady, RegistryError, VersionNotFound, VersionNotLoadable
 from service.uploads import ACCEPTED_MEDIA_TYPES, FILE_FIELD, MULTIPART, BodyLimits, read_image_upload
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             },
         },
     },
-    404: {"description": "Unknown model", **_PROBLEM},
+    404: {"description": "Unknown model or version", **_PROBLEM},
     408: {"description": "The body did not arrive in time (deadline, minimum rate)", **_PROBLEM},
     413: {"description": "Body over the byte limit", **_PROBLEM},
     415: {"description": "Unsupported media type", **_PROBLEM},
@@ -126,6 +126,13 @@ TauQuery = Annotated[
 FormatQuery = Annotated[
     Literal["png", "json"],
     Query(description="png: palette mask; json: class counts of both decisions, changed pixels, RLE mask"),
+]
+VersionQuery = Annotated[
+    str | None,
+    Query(
+        pattern=NAME_PATTERN,
+        description="a loaded version of the model (`GET /v1/models/{name}`); default: its active version",
+    ),
 ]
 RawMaskQuery = Annotated[
     bool,
@@ -205,6 +212,25 @@ def _notify(observers: Sequence[SegmentationObserver], record: SegmentationRecor
             log.exception("segmentation observer %r failed (request id %s)", observer, record.request_id)
 
 
+def _serving(registry: ModelRegistry, name: str | None, version: str | None) -> ServedModel:
+    """The active version of ``name`` (default: the default model), or the loaded ``version`` of it."""
+    if version is None:
+        return registry.serving(name)
+    if name is None:
+        name = registry.default_name
+        if name is None:
+            raise NotReady("no model found in the models directory")
+    state = registry.get(name)
+    target = state.versions.get(version)
+    if target is None:
+        raise VersionNotFound(
+            f"expected one of the versions {list(state.versions)} of {name}, got {version!r}"
+        )
+    if target.model is None:
+        raise VersionNotLoadable(f"{name}/{version} failed to load: {target.error}")
+    return target.model
+
+
 async def _segment(
     request: Request,
     name: str | None,
@@ -212,13 +238,14 @@ async def _segment(
     tau: float | None,
     output: str,
     raw_mask: bool,
+    version: str | None,
     registry: RegistryDep,
     runner: RunnerDep,
     settings: SettingsDep,
     observers: ObserversDep,
 ) -> Response:
     try:
-        model = registry.serving(name)
+        model = _serving(registry, name, version)
     except RegistryError as exc:
         raise problem_from(exc) from exc
     if calibrate and not model.has_calibration:
@@ -321,9 +348,10 @@ async def segment_with_model(
     tau: TauQuery = None,
     format: FormatQuery = "png",
     raw_mask: RawMaskQuery = False,
+    version: VersionQuery = None,
 ) -> Response:
     return await _segment(
-        request, name, calibrate, tau, format, raw_mask, registry, runner, settings, observers
+        request, name, calibrate, tau, format, raw_mask, version, registry, runner, settings, observers
     )
 
 
@@ -345,7 +373,8 @@ async def segment_with_default(
     tau: TauQuery = None,
     format: FormatQuery = "png",
     raw_mask: RawMaskQuery = False,
+    version: VersionQuery = None,
 ) -> Response:
     return await _segment(
-        request, None, calibrate, tau, format, raw_mask, registry, runner, settings, observers
+        request, None, calibrate, tau, format, raw_mask, version, registry, runner, settings, observers
     )

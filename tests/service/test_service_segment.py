@@ -165,6 +165,20 @@ def test_json_carries_both_decisions_and_the_changed_pixels(client: TestClient, 
     assert plain["raw_class_counts"] == plain["class_counts"]
 
 
+def test_a_version_can_be_chosen_per_request(client: TestClient) -> None:
+    data = png_bytes(scene(30, 40, seed=6))
+    for version in ("1", "2"):
+        response = client.post(f"/v1/models/tiny/segment?version={version}", content=data, headers=PNG)
+        assert response.status_code == 200 and response.headers["x-model-version"] == version
+    one = client.post("/v1/segment?version=1", content=data, headers=PNG)
+    two = client.post("/v1/segment", content=data, headers=PNG)
+    assert one.headers["x-model-version"] == "1" and two.headers["x-model-version"] == "2"
+    assert one.content != two.content  # other weights: the version really served
+    missing = client.post("/v1/models/tiny/segment?version=7", content=data, headers=PNG)
+    assert missing.status_code == 404 and missing.json()["type"] == "/problems/version-not-found"
+    assert "expected one of the versions ['1', '2'] of tiny, got '7'" in missing.json()["detail"]
+
+
 def test_decisions_are_made_above_the_logit_grid(tmp_path: Path, make_bundle: BundleFactory) -> None:
     """A fixed 32 x 64 input (8 x 16 logits) and a 128 x 256 image: decided at 64 x 128 (input x 2), so
     the mask has 2-pixel steps, not the 16-pixel blocks of the logit grid."""
@@ -345,7 +359,7 @@ def test_openapi_docs_and_demo_page(client: TestClient) -> None:
         "image/jpeg",
         "image/webp",
     }
-    assert {p["name"] for p in segment["parameters"]} == {"name", "calibrate", "tau", "format", "raw_mask"}
+    assert {p["name"] for p in segment["parameters"]} == {"name", "calibrate", "tau", "format", "raw_mask", "version"}
     assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
