@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.alignment import ShiftTables, calibrated_decision
+from calibration.alignment import ShiftTables, bound_slack, calibrated_decision, first_pass_margins
 
 # Pixels of decision per band (rows x width): bounds the upsampled logits held at once (C x this x 4 bytes,
 # ~5 MB at 19 classes) whatever the image size.
@@ -111,38 +111,154 @@ class Decisions:
     calibrated_logit: tuple[np.ndarray, ...]  # per tau: (H', W') float32, the calibrated class's logit
 
 
+def _corner_maps(
+    z: np.ndarray, shifts: ShiftTables | None, taus: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """On the logit grid: raw top class (h, w), where interpolation cannot change the raw decision, and
+    per tau where it cannot change the calibrated one (bool (h, w) each).
+
+    Both margins of `first_pass_margins` are minima of linear functions of z for a fixed top class, so a
+    margin that holds at the four logit pixels around an output pixel, with the same top class, holds at
+    the output pixel: its raw decision is that class, and so is its calibrated decision (the exact
+    bound's first pass settles it). The tolerances cover the float32 rounding of interpolation (~1e-7 |z|
+    per operation) and the first pass's own slack, so a pixel taken as settled here is one the full path
+    settles too.
+    """
+    c, h, w = z.shape
+    flat = z.reshape(c, h * w)
+    if shifts is None:
+        shifts_for_raw = ShiftTables(
+            np.zeros((c, c), np.float32), np.ones((c, c), np.float32), np.zeros((c, c, 2), np.float32)
+        )
+        top, raw_margin, _ = first_pass_margins(flat, shifts_for_raw, 0.0)
+        cal_margins: list[np.ndarray] = []
+    else:
+        top, raw_margin, _ = first_pass_margins(flat, shifts, 0.0)
+        cal_margins = [first_pass_margins(flat, shifts, tau)[2] for tau in taus]
+    zmax = np.take_along_axis(flat, top[None], axis=0)[0]
+    tol = 1e-5 * (1.0 + np.abs(zmax))
+    raw_safe = raw_margin > tol
+    cal_safe = [raw_safe & (m > 2.0 * bound_slack(zmax) + tol) for m in cal_margins]
+    return top.reshape(h, w), raw_safe.reshape(h, w), [m.reshape(h, w) for m in cal_safe]
+
+
+def _all_corners(
+    grid: np.ndarray, r: tuple[np.ndarray, np.ndarray], cl: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
+    """(h, w) bool -> (b, W): true where all four logit pixels around the output pixel are."""
+    (r0, r1), (c0, c1) = r, cl
+    top, bottom = grid[r0], grid[r1]  # (b, w)
+    return top[:, c0] & top[:, c1] & bottom[:, c0] & bottom[:, c1]
+
+
+def _interpolate_at(
+    zt: np.ndarray,
+    w: int,
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    cols: tuple[np.ndarray, np.ndarray, np.ndarray],
+    pick_r: np.ndarray,
+    pick_c: np.ndarray,
+) -> np.ndarray:
+    """zt (h*w, C) pixel-major logits -> (C, Q): the upsampled logits at output pixels (pick_r, pick_c) of
+    a band, with the arithmetic of `upsample_bilinear` in the same order (bit-identical values).
+    Pixel-major rows make each corner one contiguous gather of C floats."""
+    ri0, ri1, rf = (t[pick_r] for t in rows)
+    ci0, ci1, cf = (t[pick_c] for t in cols)
+    a, b = zt[ri0 * w + ci0], zt[ri0 * w + ci1]  # (Q, C)
+    lower_left, lower_right = zt[ri1 * w + ci0], zt[ri1 * w + ci1]
+    rf, cf = rf[:, None], cf[:, None]
+    left = a + (lower_left - a) * rf
+    right = b + (lower_right - b) * rf
+    right -= left
+    right *= cf
+    right += left
+    return np.ascontiguousarray(right.T)
+
+
 def decide(
     logits: np.ndarray,
     size: tuple[int, int],
     shifts: ShiftTables | None = None,
     taus: Sequence[float] = (),
     band_pixels: int = DEFAULT_BAND_PIXELS,
+    shortcut: bool = True,
 ) -> Decisions:
     """(C, h, w) logits -> decisions at ``size``: raw argmax and the calibrated rule at each tau, both on
-    the same bilinearly upsampled logits, band by band (extra memory ~ C x band_pixels x 4 bytes)."""
+    the same bilinearly upsampled logits, band by band (extra memory ~ C x band_pixels x 4 bytes).
+
+    With ``shortcut`` (the default), output pixels whose four surrounding logit pixels are all settled
+    with the same class (see `_corner_maps`) take that class without their logits being upsampled; only
+    the others (near class boundaries) are interpolated and decided. Same result as ``shortcut=False``,
+    which upsamples every pixel (the reference).
+    """
     if taus and shifts is None:
         raise ValueError("taus: the calibrated decision needs shift tables, got none")
     if logits.ndim != 3:
         raise ValueError(f"expected logits (C, h, w), got shape {logits.shape}")
-    c = logits.shape[0]
+    c, h, w = logits.shape
     if c > 256:
         raise ValueError(f"expected at most 256 classes (uint8 masks), got {c}")
+    z = np.ascontiguousarray(logits, dtype=np.float32)
     height, width = size
     raw = np.empty((height, width), np.uint8)
     raw_logit = np.empty((height, width), np.float32)
     cal = [np.empty((height, width), np.uint8) for _ in taus]
     cal_logit = [np.empty((height, width), np.float32) for _ in taus]
+    rows_all = bilinear_taps(h, height)
+    cols = bilinear_taps(w, width)
+    if shortcut:
+        top, raw_safe, cal_safe = _corner_maps(z, shifts, taus)
+        winner = np.take_along_axis(z, top[None], axis=0)  # (1, h, w): z_t, the logit grid's max
+        zt = np.ascontiguousarray(z.reshape(c, h * w).T)  # (h*w, C) pixel-major
     step = max(1, band_pixels // max(width, 1))
     for r0 in range(0, height, step):
         r1 = min(height, r0 + step)
-        up = upsample_bilinear(logits, size, (r0, r1))  # (C, b, W)
-        top = up.argmax(axis=0)  # (b, W)
-        raw[r0:r1] = top
-        raw_logit[r0:r1] = np.take_along_axis(up, top[None], axis=0)[0]
+        if not shortcut:
+            up = upsample_bilinear(z, size, (r0, r1))  # (C, b, W)
+            best = up.argmax(axis=0)  # (b, W)
+            raw[r0:r1] = best
+            raw_logit[r0:r1] = np.take_along_axis(up, best[None], axis=0)[0]
+            for i, tau in enumerate(taus):
+                assert shifts is not None
+                chosen = calibrated_decision(up, shifts, tau=tau, chunk_pixels=up.shape[1] * width)
+                cal[i][r0:r1] = chosen
+                cal_logit[i][r0:r1] = np.take_along_axis(up, chosen[None], axis=0)[0]
+            continue
+        rows = tuple(t[r0:r1] for t in rows_all)
+        corner_r = (rows[0], rows[1])
+        corner_c = (cols[0], cols[1])
+        t00 = top[rows[0]][:, cols[0]]  # (b, W) the class of the upper-left logit pixel
+        same = (
+            (t00 == top[rows[0]][:, cols[1]])
+            & (t00 == top[rows[1]][:, cols[0]])
+            & (t00 == top[rows[1]][:, cols[1]])
+        )
+        settled_raw = same & _all_corners(raw_safe, corner_r, corner_c)
+        settled_cal = [same & _all_corners(m, corner_r, corner_c) for m in cal_safe]
+        win = upsample_bilinear(winner, size, (r0, r1))[0]  # (b, W): the upsampled z_t
+        raw[r0:r1] = t00
+        raw_logit[r0:r1] = win
+        for i in range(len(taus)):
+            cal[i][r0:r1] = t00
+            cal_logit[i][r0:r1] = win
+        needed = ~settled_raw
+        for m in settled_cal:
+            needed |= ~m
+        pick = np.flatnonzero(needed)  # flat indices into the (b, W) band
+        if pick.size == 0:
+            continue
+        pick_r, pick_c = np.divmod(pick, width)
+        up_q = _interpolate_at(zt, w, rows, cols, pick_r, pick_c)  # (C, Q)
+        best = up_q.argmax(axis=0)
+        raw[r0:r1].reshape(-1)[pick] = best
+        raw_logit[r0:r1].reshape(-1)[pick] = np.take_along_axis(up_q, best[None], axis=0)[0]
         for i, tau in enumerate(taus):
             assert shifts is not None
-            # One chunk per band: the band already bounds the memory.
-            chosen = calibrated_decision(up, shifts, tau=tau, chunk_pixels=up.shape[1] * width)
-            cal[i][r0:r1] = chosen
-            cal_logit[i][r0:r1] = np.take_along_axis(up, chosen[None], axis=0)[0]
+            sub = np.flatnonzero(~settled_cal[i].reshape(-1)[pick])  # those the shortcut did not settle
+            if sub.size == 0:
+                continue
+            zq = np.ascontiguousarray(up_q[:, sub])[:, None, :]  # (C, 1, Q')
+            chosen = calibrated_decision(zq, shifts, tau=tau, chunk_pixels=sub.size)[0]
+            cal[i][r0:r1].reshape(-1)[pick[sub]] = chosen
+            cal_logit[i][r0:r1].reshape(-1)[pick[sub]] = np.take_along_axis(zq[:, 0], chosen[None], axis=0)[0]
     return Decisions(raw, raw_logit, tuple(cal), tuple(cal_logit))

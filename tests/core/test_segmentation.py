@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_alignment import assert_same_decision, random_logits, random_tables, reference_decision
+from test_alignment import (
+    assert_same_decision,
+    near_constant_tables,
+    random_logits,
+    random_tables,
+    reference_decision,
+)
 
 from calibration.segmentation import decide, decision_size, resize_nearest, upsample_bilinear
 
@@ -108,3 +114,48 @@ def test_decision_size_is_the_scaled_input_capped_at_the_image() -> None:
 def test_nearest_resize_of_the_decision() -> None:
     labels = np.arange(6, dtype=np.uint8).reshape(2, 3)
     np.testing.assert_array_equal(resize_nearest(labels, 4, 6), labels.repeat(2, 0).repeat(2, 1))
+
+
+def smooth_logits(rng: np.random.Generator, c: int, h: int, w: int, slope: float = 0.5) -> np.ndarray:
+    """Regions of confident classes with ambiguous boundaries: what a segmentation network's logits are."""
+    y, x = np.mgrid[0:h, 0:w]
+    centres = rng.uniform(0, 1, (c, 2)) * (h, w)
+    dist = np.hypot(y[None] - centres[:, 0, None, None], x[None] - centres[:, 1, None, None])
+    return (-dist * slope + rng.normal(0, 0.7, (c, h, w))).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_shortcut_gives_the_full_paths_decisions_bit_for_bit(seed: int) -> None:
+    """Pixels settled from their four logit-grid neighbours: identical decisions and logits to
+    upsampling every pixel, raw and calibrated, on smooth and on tied (integer) logits."""
+    rng = np.random.default_rng(seed)
+    c = 7
+    # Nearly constant shifts make the bound nearly tight: decisions flip right at the shortcut's edge.
+    tables = near_constant_tables(rng, c) if seed % 2 else random_tables(rng, c, scale=0.5)
+    cases = [
+        smooth_logits(rng, c, 9, 13),
+        smooth_logits(rng, c, 9, 13, slope=0.1),
+        np.round(random_logits(rng, c, 6, 7, spread=1.0)),
+    ]
+    for logits in cases:
+        for size in [(36, 52), (17, 29), (9, 13)]:
+            fast = decide(logits, size, tables, (0.2, 1.0), band_pixels=7 * size[1])
+            full = decide(logits, size, tables, (0.2, 1.0), shortcut=False)
+            np.testing.assert_array_equal(fast.raw, full.raw)
+            np.testing.assert_array_equal(fast.raw_logit, full.raw_logit)
+            for a, b in zip(
+                fast.calibrated + fast.calibrated_logit, full.calibrated + full.calibrated_logit, strict=True
+            ):
+                np.testing.assert_array_equal(a, b)
+    plain = decide(cases[0], (36, 52))
+    np.testing.assert_array_equal(plain.raw, decide(cases[0], (36, 52), shortcut=False).raw)
+
+
+def test_the_shortcut_settles_most_pixels_of_smooth_logits() -> None:
+    """Not a correctness property: the reason for the shortcut (few pixels near boundaries are upsampled)."""
+    rng = np.random.default_rng(9)
+    logits = smooth_logits(rng, 7, 16, 32)
+    from calibration.segmentation import _corner_maps
+
+    _, raw_safe, _ = _corner_maps(logits, None, ())
+    assert raw_safe.mean() > 0.5

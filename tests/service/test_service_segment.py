@@ -359,7 +359,14 @@ def test_openapi_docs_and_demo_page(client: TestClient) -> None:
         "image/jpeg",
         "image/webp",
     }
-    assert {p["name"] for p in segment["parameters"]} == {"name", "calibrate", "tau", "format", "raw_mask", "version"}
+    assert {p["name"] for p in segment["parameters"]} == {
+        "name",
+        "calibrate",
+        "tau",
+        "format",
+        "raw_mask",
+        "version",
+    }
     assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
