@@ -224,7 +224,7 @@ def decide(
                 cal[i][r0:r1] = chosen
                 cal_logit[i][r0:r1] = np.take_along_axis(up, chosen[None], axis=0)[0]
             continue
-        rows = tuple(t[r0:r1] for t in rows_all)
+        rows = (rows_all[0][r0:r1], rows_all[1][r0:r1], rows_all[2][r0:r1])
         corner_r = (rows[0], rows[1])
         corner_c = (cols[0], cols[1])
         t00 = top[rows[0]][:, cols[0]]  # (b, W) the class of the upper-left logit pixel
