@@ -25,6 +25,8 @@ from calibration.alignment import ShiftTables, bound_slack, calibrated_decision,
 # Pixels of decision per band (rows x width): bounds the upsampled logits held at once (C x this x 4 bytes,
 # ~5 MB at 19 classes) whatever the image size.
 DEFAULT_BAND_PIXELS = 65536
+# Pixels per call of the core's calibrated rule inside a band: its work arrays are a few (C, this).
+CALIBRATION_CHUNK = 16384
 
 
 def nearest_indices(src: int, dst: int) -> np.ndarray:
@@ -164,11 +166,19 @@ def _interpolate_at(
     Pixel-major rows make each corner one contiguous gather of C floats."""
     ri0, ri1, rf = (t[pick_r] for t in rows)
     ci0, ci1, cf = (t[pick_c] for t in cols)
-    a, b = zt[ri0 * w + ci0], zt[ri0 * w + ci1]  # (Q, C)
-    lower_left, lower_right = zt[ri1 * w + ci0], zt[ri1 * w + ci1]
     rf, cf = rf[:, None], cf[:, None]
-    left = a + (lower_left - a) * rf
-    right = b + (lower_right - b) * rf
+    # In place, two (Q, C) temporaries at a time; (x - a) * f + a is a + (x - a) * f exactly.
+    a = zt[ri0 * w + ci0]  # (Q, C)
+    left = zt[ri1 * w + ci0]
+    left -= a
+    left *= rf
+    left += a
+    b = zt[ri0 * w + ci1]
+    right = zt[ri1 * w + ci1]
+    right -= b
+    right *= rf
+    right += b
+    del a, b
     right -= left
     right *= cf
     right += left
@@ -258,7 +268,7 @@ def decide(
             if sub.size == 0:
                 continue
             zq = np.ascontiguousarray(up_q[:, sub])[:, None, :]  # (C, 1, Q')
-            chosen = calibrated_decision(zq, shifts, tau=tau, chunk_pixels=sub.size)[0]
+            chosen = calibrated_decision(zq, shifts, tau=tau, chunk_pixels=CALIBRATION_CHUNK)[0]
             cal[i][r0:r1].reshape(-1)[pick[sub]] = chosen
             cal_logit[i][r0:r1].reshape(-1)[pick[sub]] = np.take_along_axis(zq[:, 0], chosen[None], axis=0)[0]
     return Decisions(raw, raw_logit, tuple(cal), tuple(cal_logit))
