@@ -63,10 +63,11 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="4 images")
+    parser.add_argument("--scale", type=float, default=None, help="decision_scale [default: the setting's]")
     args = parser.parse_args()
     count = 4 if args.quick else args.images
 
-    settings = ServiceSettings()
+    settings = ServiceSettings() if args.scale is None else ServiceSettings(decision_scale=args.scale)
     model = load_served_model(default_bundle(args.models_dir), settings.onnx_threads())
     tables = model.bundle.tables
     assert tables is not None, "the bundle needs calibration tables"
