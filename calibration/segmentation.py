@@ -26,7 +26,7 @@ from calibration.alignment import ShiftTables, bound_slack, calibrated_decision,
 # ~5 MB at 19 classes) whatever the image size.
 DEFAULT_BAND_PIXELS = 65536
 # Pixels per call of the core's calibrated rule inside a band: its work arrays are a few (C, this).
-CALIBRATION_CHUNK = 16384
+CALIBRATION_CHUNK = 32768
 
 
 def nearest_indices(src: int, dst: int) -> np.ndarray:
