@@ -11,7 +11,9 @@ A bundle without calibration tables gets tables fitted on its own logits of a fe
 images (pseudo-labels = argmax), so that the calibrated path can be measured; the table says so.
 
 Targets: HTTP p50 / in-process p50 <= 1.20 (calibration off); calibrated / uncalibrated HTTP p50 <= 1.10;
-throughput at 8 concurrent clients >= 0.9x in-process single-stream throughput.
+throughput at 8 concurrent clients >= 0.9x in-process single-stream throughput; peak extra memory of the
+calibrated decision of a 1024x2048 image <= 64 MB (tracemalloc; at the default decision size and at the
+image's full size). Decisions are the pipeline's: logits upsampled to the decision size (issue 11).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -38,9 +42,11 @@ from bench._timing import timed
 from calibration.alignment import candidate_counts
 from calibration.bundle import CalibrationSpec, discover_bundles, load_bundle, save_bundle, version_key
 from calibration.distributions import fit_pair_gmms
+from calibration.segmentation import decision_size, upsample_bilinear
 from calibration.tables import build_calibration_tables
-from service.imaging import decode_image, encode_png_mask, preprocess, resize_nearest
-from service.inference import ServedModel, calibrated, load_served_model, raw_decision
+from service.imaging import decode_image, preprocess
+from service.inference import ServedModel, load_served_model
+from service.pipeline import decide_for, options_from, segment_bytes
 from service.settings import ServiceSettings, available_cores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,15 +99,8 @@ def staged_models(bundle_dir: Path, root: Path, threads: int) -> tuple[Path, str
 
 
 def in_process(model: ServedModel, data: bytes, calibrate: bool, settings: ServiceSettings) -> bytes:
-    """What the service does for one request, minus HTTP."""
-    rgb = decode_image(data, settings.max_image_pixels)
-    image = preprocess(rgb, model.input_size(*rgb.shape[:2]), model.norm)
-    logits = model.run(image)[0]
-    raw, _ = raw_decision(logits)
-    mask = (
-        calibrated(logits, model, model.tau_default, settings.calibration_chunk_pixels) if calibrate else raw
-    )
-    return encode_png_mask(resize_nearest(mask, *rgb.shape[:2]), model.palette, settings.png_compress_level)
+    """What the service does for one request, minus HTTP: the same pipeline functions (service.pipeline)."""
+    return segment_bytes(model, data, options_from(settings, calibrate, model.tau_default)).body
 
 
 def free_port() -> int:
@@ -236,6 +235,24 @@ def throughputs(
     return rounds * per_round / http_s, rounds * per_round / local_s
 
 
+def decision_memory(
+    model: ServedModel, settings: ServiceSettings, scale: float
+) -> tuple[int, tuple[int, int]]:
+    """Peak bytes allocated by the calibrated decision (service.pipeline.decide_for) of a 1024 x 2048
+    image beyond its inputs, under tracemalloc (numpy reports its buffers to it), and the decision size."""
+    big = np.asarray(Image.fromarray(street_scene(seed=8)).resize((2048, 1024), Image.Resampling.BILINEAR))
+    logits = model.run(preprocess(big, model.input_size(1024, 2048), model.norm))[0]
+    opts = replace(options_from(settings, True, model.tau_default), decision_scale=scale)
+    decide_for(model, logits, (1024, 2048), opts)  # warm: the prepared tables are cached, not counted
+    tracemalloc.start()
+    try:
+        made = decide_for(model, logits, (1024, 2048), opts)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, (int(made.raw.shape[0]), int(made.raw.shape[1]))
+
+
 def ms(values: np.ndarray) -> str:
     return f"{np.median(values) * 1000:.1f}"
 
@@ -251,7 +268,10 @@ def main() -> None:
     parser.add_argument(
         "--variants", action="store_true", help="also measure batching / concurrency settings"
     )
+    parser.add_argument("--quick", action="store_true", help="15 requests per row, 2 throughput rounds")
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.rounds = 15, 2
 
     bundle_dir = default_bundle(args.models_dir)
     settings = ServiceSettings()
@@ -264,9 +284,16 @@ def main() -> None:
         rgb = decode_image(data, settings.max_image_pixels)
         tensor = preprocess(rgb, model.input_size(HEIGHT, WIDTH), model.norm)
         assert model.bundle.tables is not None
-        counts = candidate_counts(model.run(tensor)[0], model.bundle.tables.shifts, model.tau_default)
+        logits = model.run(tensor)[0]
+        counts = candidate_counts(logits, model.bundle.tables.shifts, model.tau_default)
+        size = decision_size((HEIGHT, WIDTH), model.input_size(HEIGHT, WIDTH), settings.decision_scale)
+        up_counts = candidate_counts(
+            upsample_bilinear(logits, size), model.bundle.tables.shifts, model.tau_default
+        )
         bound_note = f"{(counts == 1).mean():.0%} of logit pixels decided by the exact bound, " \
-            f"{counts.mean():.1f} hypotheses per pixel"  # fmt: skip
+            f"{counts.mean():.1f} hypotheses per pixel; at the decision size {size[0]}x{size[1]}: " \
+            f"{(up_counts == 1).mean():.1%}, {up_counts.mean():.2f} hypotheses per pixel"  # fmt: skip
+        memory = [decision_memory(model, settings, scale) for scale in (settings.decision_scale, 8.0)]
 
         # In-process calls run on a worker thread, as the server runs them: the comparison is then about HTTP.
         worker = ThreadPoolExecutor(1)
@@ -345,6 +372,9 @@ def main() -> None:
         (f"HTTP throughput, {args.clients} clients, img/s", f"{throughput:.1f}", ""),
         (f"HTTP {args.clients}-client / in-process throughput", f"{tp_ratio:.3f}", ">= 0.90"),
     ]
+    for (peak, (dh, dw)), scale in zip(memory, (settings.decision_scale, 8.0), strict=True):
+        label = f"1024x2048 calibrated decision, scale {scale:g} ({dh}x{dw}): peak extra MB"
+        rows.append((label, f"{peak / 2**20:.1f}", "<= 64"))
     for label, value, target in rows:
         print(f"{label:<58} {value:>10}  {target}")
     for label, p50, ratio in variants:

@@ -298,6 +298,35 @@ def _lookup_pairs(z: np.ndarray, pair: np.ndarray, prep: _Prepared) -> np.ndarra
     return t
 
 
+def first_pass_margins(
+    z: np.ndarray, tables: ShiftTables, tau: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """z (C, P) -> raw top class t (P,), raw margin z_t - max_{c≠t} z_c (P,) and the first-pass margin
+    (z_t + V_t) - max_{c≠t} (z_c + U_c) (P,) of the exact bound (see `calibrated_decision`).
+
+    A pixel whose first-pass margin exceeds `bound_slack(z_t)` keeps its raw decision under the calibrated
+    rule. For a fixed t both margins are minima of functions linear in z, so where they hold with the same
+    t at several logit vectors they hold at every convex combination of them: at every bilinearly
+    interpolated pixel between logit-grid pixels (calibration.segmentation uses this to skip upsampling).
+    """
+    prep = _prepare(tables, tau)
+    top, zmax = _argmax0(z)
+    p = z.shape[1]
+    flat = top * p + np.arange(p)
+    others = z.copy()
+    np.put(others, flat, -np.inf)
+    raw_margin = zmax - others.max(axis=0)
+    others += prep.up
+    np.put(others, flat, -np.inf)
+    cal_margin = zmax + prep.low[top, 0] - others.max(axis=0)
+    return top, raw_margin, cal_margin
+
+
+def bound_slack(z: np.ndarray) -> np.ndarray:
+    """The float slack of the first pass at logits of magnitude |z|: margins above it are safe."""
+    return _BOUND_SLACK + 1e-6 * np.abs(z)
+
+
 def _refine(z: np.ndarray, top: np.ndarray, cand: np.ndarray, prep: _Prepared) -> np.ndarray:
     """Second pass of the bound on ambiguous pixels: exact diagonal shifts, per-pair ranges elsewhere.
 

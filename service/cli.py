@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -141,3 +142,89 @@ def serve(
         for made in (multiproc_dir, state_dir):
             if made is not None:
                 shutil.rmtree(made, ignore_errors=True)
+
+
+@app.command("predict")
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and folders (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="Folder of the outputs: <relative path>/<stem>.png|.json")],
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(help="Directory of bundles <name>/<version>/ [default: settings, else ./models]"),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="NAME or NAME:VERSION [default: the service's default model, its active version]"),
+    ] = None,
+    calibrate: Annotated[
+        bool | None, typer.Option("--calibrate/--no-calibrate", help="[default: from the model's manifest]")
+    ] = None,
+    tau: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="[default: from the manifest]")] = None,
+    format: Annotated[
+        Literal["png", "json"], typer.Option(help="png: palette mask; json: as the API")
+    ] = "png",
+    overlay: Annotated[
+        bool, typer.Option(help="Also write <stem>.overlay.png: the mask over the image.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them).")] = False,
+    jobs: Annotated[int | None, typer.Option(min=1, help="Images at once [default: the cores].")] = None,
+    settings_file: Annotated[
+        Path | None, typer.Option(help="TOML or JSON service settings (decision_scale, limits, ...).")
+    ] = None,
+) -> None:
+    """Segment images in-process through the service's pipeline (the served masks, byte for byte)."""
+    from pydantic import ValidationError
+
+    from service.pipeline import options_from
+    from service.predict import PredictError, choose_model, collect_inputs, plan_outputs, predict_all
+    from service.settings import SettingsFileError, available_cores, load_settings
+
+    overrides: dict[str, object] = {} if models_dir is None else {"models_dir": models_dir}
+    try:
+        settings = load_settings(settings_file, **overrides)
+    except (SettingsFileError, ValidationError) as exc:
+        raise _fail(str(exc)) from None
+    workers = jobs or available_cores()
+    try:
+        served = choose_model(settings, model, threads=max(1, available_cores() // workers))
+    except PredictError as exc:
+        raise _fail(str(exc)) from None
+    if calibrate and not served.has_calibration:
+        raise _fail(f"--calibrate: {served.name}/{served.version} has no calibration tables")
+    use_calibration = served.calibrate_default if calibrate is None else calibrate
+    tau_used = served.tau_default if tau is None else tau
+    head = {
+        "model": served.name,
+        "version": served.version,
+        "calibrated": use_calibration,
+        "tau": tau_used if use_calibration else None,
+    }
+    opts = options_from(settings, use_calibration, tau_used, format, json_head=head)
+    found, problems = collect_inputs(inputs)
+    planned, clashes = plan_outputs(found, out, format, overlay)
+    problems += clashes
+    typer.echo(
+        f"{served.name}/{served.version}, calibrated: {use_calibration}"
+        + (f" (tau {tau_used:g})" if use_calibration else "")
+        + f", {len(planned)} image(s), {workers} at once",
+        err=True,
+    )
+    skipped = 0
+    with typer.progressbar(length=len(planned), label="segmenting", file=sys.stderr) as bar:
+
+        def done(outcome: object) -> None:
+            bar.update(1)
+
+        outcomes = predict_all(served, planned, opts, overwrite, workers, done)
+    for outcome in outcomes:
+        if outcome.error is not None:
+            problems.append((outcome.source, outcome.error))
+        elif outcome.skipped is not None:
+            skipped += 1
+            typer.echo(f"skipped: {outcome.source}: {outcome.skipped}", err=True)
+    for source, why in problems:
+        typer.echo(f"error: {source}: {why}", err=True)
+    written = sum(1 for o in outcomes if o.error is None and o.skipped is None)
+    typer.echo(f"{written} written, {skipped} skipped, {len(problems)} failed -> {out}", err=True)
+    if problems:
+        raise typer.Exit(code=1)

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The nearest resize of decisions lives in the core's pipeline (shared with `blda evaluate`); re-exported.
+from calibration.segmentation import nearest_indices as nearest_indices
+from calibration.segmentation import resize_nearest as resize_nearest
+
 # Formats Pillow may try: nothing else is parsed, whatever the bytes claim to be.
 DECODERS = ("PNG", "JPEG", "WEBP")
 MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
@@ -115,26 +119,6 @@ def preprocess(rgb: np.ndarray, size: tuple[int, int], norm: Normalisation) -> n
         np.multiply(rgb[:, :, channel], norm.scale[channel], out=out[0, channel], casting="unsafe")
         out[0, channel] += norm.offset[channel]
     return out
-
-
-def nearest_indices(src: int, dst: int) -> np.ndarray:
-    """Source index of each of ``dst`` output cells: the source cell holding the output cell's centre.
-
-    Integer arithmetic, floor((i + 1/2) * src / dst), so that no centre falls on the wrong side of a
-    boundary through rounding.
-    """
-    return (2 * np.arange(dst, dtype=np.int64) + 1) * src // (2 * dst)
-
-
-def resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(h, w) -> (height, width), nearest (pixel centres): the decision is resized, never the logits."""
-    h, w = labels.shape
-    if (h, w) == (height, width):
-        return labels
-    rows = nearest_indices(h, height)
-    cols = nearest_indices(w, width)
-    # Two 1-D gathers: rows first (whole-row copies), then columns.
-    return labels[rows][:, cols]
 
 
 def palette_bytes(colors: np.ndarray) -> bytes:

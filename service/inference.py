@@ -1,4 +1,4 @@
-"""Bundles as running models: onnxruntime sessions, the decision (raw or calibrated), the worker pools.
+"""Bundles as running models: onnxruntime sessions and the worker pools (decisions: service.pipeline).
 
 CPU-bound work (decoding, the calibrated decision, encoding) runs in a thread pool and inference in its
 own small pool, never on the event loop: onnxruntime and numpy's kernels release the GIL, so stages of
@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime as ort
 
-from calibration.alignment import calibrated_decision
 from calibration.bundle import MANIFEST_FILE, Bundle, BundleError, load_bundle
 from service.batching import MicroBatcher
 from service.imaging import Normalisation, model_input_size, palette_bytes
@@ -207,30 +206,11 @@ def _check_by_running(model: ServedModel) -> None:
         )
 
 
-@dataclass(frozen=True)
-class Decision:
-    raw: np.ndarray  # (h, w) uint8
-    calibrated: np.ndarray | None  # (h, w) uint8
-    winning_logits: np.ndarray  # (h, w) float32
-
-    @property
-    def served(self) -> np.ndarray:
-        return self.calibrated if self.calibrated is not None else self.raw
-
-
 def raw_decision(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(C, h, w) -> argmax (h, w) uint8 and the winning logit (h, w) float32."""
     winner = logits.argmax(axis=0)  # (h, w) int64
     winning = np.take_along_axis(logits, winner[None], axis=0)[0]
     return winner.astype(np.uint8), winning
-
-
-def calibrated(logits: np.ndarray, model: ServedModel, tau: float, chunk_pixels: int) -> np.ndarray:
-    """(C, h, w) -> (h, w) uint8 under the core's calibrated rule with the model's target tables."""
-    tables = model.bundle.tables
-    if tables is None:
-        raise ValueError(f"{model.name}/{model.version} has no calibration tables")
-    return calibrated_decision(logits, tables.shifts, tau=tau, chunk_pixels=chunk_pixels).astype(np.uint8)
 
 
 class InferenceRunner:

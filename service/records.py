@@ -42,16 +42,20 @@ class SegmentationRecord:
     request_id: str
     model_name: str
     model_version: str
-    # Everything below is at the logit resolution (h, w), before the decision is resized to the input.
-    raw_decision: np.ndarray  # (h, w) uint8: argmax of the logits
+    # Decisions are at the decision size (h, w) (calibration.segmentation: logits upsampled bilinearly),
+    # before the nearest resize to the input; each of their pixels stands for the input pixels it becomes.
+    raw_decision: np.ndarray  # (h, w) uint8: argmax of the upsampled logits
     calibrated_decision: np.ndarray | None  # (h, w) uint8, None when calibration did not run
-    winning_logits: np.ndarray  # (h, w) float32: the logit of the raw decision's class
-    logits: np.ndarray  # (C, h, w) float32, read-only: do not modify
+    winning_logits: np.ndarray  # (h, w) float32: the (upsampled) logit of the raw decision's class
+    logits: np.ndarray  # (C, h', w') float32, read-only: the model's logits (h', w' may differ from h, w)
     tables: CalibrationTables | None  # the served version's tables, for quantiles of the logits
     input_size: tuple[int, int]  # (H, W) of the uploaded image
     calibrate: bool
     tau: float
     timings: StageTimings = field(default_factory=StageTimings)
+    # (h, w) float32: the (upsampled) logit of the calibrated decision's class; None: take it from
+    # ``logits``, which must then be at the decision size.
+    calibrated_logits: np.ndarray | None = None
 
     @property
     def served_decision(self) -> np.ndarray:

@@ -113,8 +113,14 @@ class ServiceSettings(BaseSettings):
     # zlib level of the PNG masks: palette masks compress well even at 1, and 1 is several times faster
     # than the default 6.
     png_compress_level: int = Field(default=1, ge=0, le=9)
-    # Pixels the core's calibrated decision processes at once (bounds its working memory).
+    # Pixels of decision processed at once, raw and calibrated (bounds the working memory: the upsampled
+    # logits of one band, C x this x 4 bytes).
     calibration_chunk_pixels: int = Field(default=65536, ge=1024)
+    # Decisions are made on logits upsampled bilinearly to the model's input size times this, at most the
+    # image's own size, then resized to the image by nearest neighbour (calibration.segmentation). At 2,
+    # a 512 x 1024 image through a 128 x 256 input is decided at 256 x 512: 2-pixel steps, not 16-pixel
+    # blocks of stride-4 logits; larger values cost calibrated-rule time for little visible detail.
+    decision_scale: float = Field(default=2.0, gt=0.0, le=16.0)
 
     @field_validator("admin_api_key", mode="before")
     @classmethod

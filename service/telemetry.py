@@ -4,16 +4,17 @@ Two halves:
 
 - a pure core (:func:`pixel_weights`, :func:`bucket_counts`, :func:`request_stats`, :func:`bias_report`)
   that turns one :class:`~service.records.SegmentationRecord` into per-class increments with a few
-  vectorised passes (``np.bincount``/``np.searchsorted``) at the logit resolution;
+  vectorised passes (``np.bincount``/``np.searchsorted``) at the decision size;
 - :class:`Telemetry`, which only holds the ``prometheus_client`` objects and this process's running
   totals (for ``GET /v1/models/{name}/bias``) and adds the increments to them.
 
-**Pixels are counted at the input resolution.** The decision is computed on the logits (h, w) and the
-served mask is its nearest-neighbour resize to the uploaded image (H, W)
-(:func:`service.imaging.resize_nearest`). Each logit pixel therefore stands for a fixed number of input
-pixels, ``rows[i] * cols[j]`` where ``rows = bincount(nearest_indices(h, H))``; every counter and every
-histogram observation is weighted by it. The counts equal ``bincount`` of the served mask exactly,
-at the cost of the logit resolution (16 to 64 times fewer pixels).
+**Pixels are counted at the input resolution.** The decision is computed at the decision size (h, w),
+on logits upsampled bilinearly (calibration.segmentation), and the served mask is its nearest-neighbour
+resize to the uploaded image (H, W) (:func:`service.imaging.resize_nearest`). Each decision pixel
+therefore stands for a fixed number of input pixels, ``rows[i] * cols[j]`` where
+``rows = bincount(nearest_indices(h, H))``; every counter and every histogram observation is weighted by
+it. The counts equal ``bincount`` of the served mask exactly, at the cost of the decision size (4 to 16
+times fewer pixels than a large image at the default decision_scale).
 
 **Everything aggregates by summing.** Only counters and histograms are per request; ratios (shares,
 mean quantiles, IoU, Bias(l)) are left to PromQL recording rules (``deploy/prometheus/rules/``), so
@@ -206,24 +207,46 @@ def decision_stats(
     )
 
 
+def _combine(base: DecisionStats, minus: DecisionStats, plus: DecisionStats) -> DecisionStats:
+    """base - minus + plus, field by field (None fields stay None)."""
+
+    def f(a: np.ndarray | None, b: np.ndarray | None, c: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None or b is None or c is None else a - b + c
+
+    return DecisionStats(
+        pixels=base.pixels - minus.pixels + plus.pixels,
+        logit_counts=base.logit_counts - minus.logit_counts + plus.logit_counts,
+        logit_sums=base.logit_sums - minus.logit_sums + plus.logit_sums,
+        quantile_counts=f(base.quantile_counts, minus.quantile_counts, plus.quantile_counts),
+        quantile_sums=f(base.quantile_sums, minus.quantile_sums, plus.quantile_sums),
+        anchor_counts=f(base.anchor_counts, minus.anchor_counts, plus.anchor_counts),
+        anchor_sums=f(base.anchor_sums, minus.anchor_sums, plus.anchor_sums),
+    )
+
+
 def request_stats(record: SegmentationRecord, quantiles: QuantileTables | None) -> RequestStats:
     """All per-class increments of one served request; quantiles from ``record.tables`` (None: no histograms)."""
-    logits = record.logits  # (C, h, w)
+    logits = record.logits  # (C, h', w') the model's logits: the class count (and maybe the decision size)
     num_classes = logits.shape[0]
-    weights = pixel_weights(record.raw_decision.shape, record.input_size)  # (h, w)
+    weights = pixel_weights(record.raw_decision.shape, record.input_size)  # (h, w) at the decision size
     raw = decision_stats(record.raw_decision, record.winning_logits, weights, num_classes, quantiles)
     if record.calibrated_decision is None:
         return RequestStats(num_classes=num_classes, raw=raw, calibrated=None, flipped=None)
     cal = record.calibrated_decision
-    cal_logits = np.take_along_axis(logits, cal[None].astype(np.intp), axis=0)[0]  # (h, w)
-    calibrated = decision_stats(cal, cal_logits, weights, num_classes, quantiles)
     changed = cal != record.raw_decision  # (h, w)
-    flipped = np.stack(
-        [
-            class_pixels(record.raw_decision[changed], weights[changed], num_classes),
-            class_pixels(cal[changed], weights[changed], num_classes),
-        ]
+    cal_logits = record.calibrated_logits
+    if cal_logits is None:
+        cal_logits = np.take_along_axis(logits, cal[None].astype(np.intp), axis=0)[0]  # (h, w)
+    # Calibration changes a few percent of the pixels and the others count exactly as in the raw stats:
+    # calibrated = raw - (changed pixels as raw) + (changed pixels as calibrated), additive per pixel.
+    # The per-pixel quantile look-ups and bucketing are the cost of telemetry at the decision size.
+    w_changed = weights[changed]
+    removed = decision_stats(
+        record.raw_decision[changed], record.winning_logits[changed], w_changed, num_classes, quantiles
     )
+    added = decision_stats(cal[changed], cal_logits[changed], w_changed, num_classes, quantiles)
+    calibrated = _combine(raw, removed, added)
+    flipped = np.stack([removed.pixels, added.pixels])
     return RequestStats(num_classes=num_classes, raw=raw, calibrated=calibrated, flipped=flipped)
 
 

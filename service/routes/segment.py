@@ -1,8 +1,9 @@
 """``POST /v1/models/{name}/segment`` and ``POST /v1/segment`` (the default model).
 
-Stages: decode (bytes -> model input), infer (onnxruntime), calibrate (the decision at the logit
-resolution: argmax, or the core's calibrated rule), encode (resize the decision to the image, PNG or
-JSON). Each runs off the event loop; their wall times go to ``Server-Timing``.
+Stages (service.pipeline, shared with `blda predict`): decode (bytes -> model input), infer
+(onnxruntime), calibrate (logits upsampled bilinearly to the decision size, then the argmax and the core's
+calibrated rule on them), encode (nearest resize of the decision to the image, PNG or JSON). Each runs off
+the event loop; their wall times go to ``Server-Timing``.
 
 JSON masks are run-length encoded over the row-major flattened mask (see :class:`RleMask`)::
 
@@ -11,7 +12,6 @@ JSON masks are run-length encoded over the row-major flattened mask (see :class:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -26,21 +26,13 @@ from starlette.background import BackgroundTask
 from service.admission import upload_slot, work_slot
 from service.dependencies import ObserversDep, RegistryDep, RunnerDep, SettingsDep, problem_from
 from service.feedback import FeedbackStore
-from service.imaging import (
-    ImageDecodeError,
-    ImageTooLargeError,
-    class_counts,
-    decode_image,
-    encode_png_mask,
-    preprocess,
-    resize_nearest,
-    run_length_encode,
-)
-from service.inference import Decision, InferenceRunner, ServedModel, calibrated, raw_decision
-from service.names import ModelNameParam
+from service.imaging import ImageDecodeError, ImageTooLargeError
+from service.inference import InferenceRunner, ServedModel
+from service.names import NAME_PATTERN, ModelNameParam
+from service.pipeline import Decision, SegmentOptions, decide_for, decode, encode, options_from
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.records import SegmentationObserver, SegmentationRecord, StageTimings
-from service.registry import RegistryError
+from service.registry import ModelRegistry, NotReady, RegistryError, VersionNotFound, VersionNotLoadable
 from service.uploads import ACCEPTED_MEDIA_TYPES, FILE_FIELD, MULTIPART, BodyLimits, read_image_upload
 
 log = logging.getLogger(__name__)
@@ -66,7 +58,20 @@ class SegmentationJson(BaseModel):
     tau: float | None = Field(description="tau used when calibrated, else null")
     classes: list[str] = Field(description="class names by id")
     class_counts: dict[str, int] = Field(description="pixels per class name in the mask")
-    mask: RleMask
+    decision_size: tuple[int, int] = Field(
+        description="(height, width) the decision was made at (upsampled logits), before the nearest resize"
+    )
+    raw_class_counts: dict[str, int] = Field(
+        description="pixels per class name in the raw (uncalibrated) decision; equal to class_counts "
+        "when calibration did not run"
+    )
+    changed_pixels: int | None = Field(
+        description="pixels (at the image's size) whose class calibration changed; null when it did not run"
+    )
+    mask: RleMask = Field(description="the served mask: calibrated when calibration ran, else raw")
+    raw_mask: RleMask | None = Field(
+        default=None, description="the raw decision's mask, only with raw_mask=true"
+    )
 
 
 _IMAGE_SCHEMA = {"type": "string", "format": "binary"}
@@ -103,7 +108,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             },
         },
     },
-    404: {"description": "Unknown model", **_PROBLEM},
+    404: {"description": "Unknown model or version", **_PROBLEM},
     408: {"description": "The body did not arrive in time (deadline, minimum rate)", **_PROBLEM},
     413: {"description": "Body over the byte limit", **_PROBLEM},
     415: {"description": "Unsupported media type", **_PROBLEM},
@@ -119,22 +124,23 @@ TauQuery = Annotated[
     float | None, Query(ge=0.0, le=TAU_MAX, description="calibration strength; default from the manifest")
 ]
 FormatQuery = Annotated[
-    Literal["png", "json"], Query(description="png: palette mask; json: class counts + RLE")
+    Literal["png", "json"],
+    Query(description="png: palette mask; json: class counts of both decisions, changed pixels, RLE mask"),
 ]
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One request's parameters, fixed before any work starts."""
-
-    model: ServedModel
-    calibrate: bool
-    tau: float
-    output: str  # "png" | "json"
-    json_head: dict[str, Any]
-    max_pixels: int
-    chunk_pixels: int
-    png_level: int
+VersionQuery = Annotated[
+    str | None,
+    Query(
+        pattern=NAME_PATTERN,
+        description="a loaded version of the model (`GET /v1/models/{name}`); default: its active version",
+    ),
+]
+RawMaskQuery = Annotated[
+    bool,
+    Query(
+        description="format=json only: also return the raw decision's mask (`raw_mask`), so that both "
+        "decisions of one request can be compared"
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -146,47 +152,22 @@ class _Done:
     timings: StageTimings
 
 
-def _decode(job: _Job, data: bytes) -> tuple[tuple[int, int], np.ndarray]:
-    """bytes -> (H, W) and the (1, 3, h, w) model input."""
-    rgb = decode_image(data, job.max_pixels)  # (H, W, 3) uint8
-    height, width = rgb.shape[:2]
-    return (height, width), preprocess(rgb, job.model.input_size(height, width), job.model.norm)
-
-
-def _decide(job: _Job, logits: np.ndarray) -> Decision:
-    raw, winning = raw_decision(logits)
-    chosen = calibrated(logits, job.model, job.tau, job.chunk_pixels) if job.calibrate else None
-    return Decision(raw, chosen, winning)
-
-
-def _encode(job: _Job, mask: np.ndarray, size: tuple[int, int]) -> bytes:
-    """(h, w) decision -> the response body at the image's size (h, w) -> (H, W) nearest."""
-    full = resize_nearest(mask, *size)
-    if job.output == "png":
-        return encode_png_mask(full, job.model.palette, job.png_level)
-    classes = job.model.bundle.manifest.class_names
-    values, lengths = run_length_encode(full)
-    counts = class_counts(full, len(classes))
-    body = {
-        **job.json_head,
-        "classes": classes,
-        "class_counts": {name: int(n) for name, n in zip(classes, counts, strict=True)},
-        "mask": {
-            "encoding": "rle-row-major",
-            "size": list(size),
-            "values": values.tolist(),
-            "lengths": lengths.tolist(),
-        },
-    }
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
 def _finish(job: _Job, size: tuple[int, int], logits: np.ndarray) -> tuple[Decision, bytes, float, float]:
     started = time.perf_counter()
-    decision = _decide(job, logits)
+    decision = decide_for(job.model, logits, size, job.opts)
     decided = time.perf_counter()
-    body = _encode(job, decision.served, size)
+    body = encode(job.model, decision, size, job.opts)
     return decision, body, decided - started, time.perf_counter() - decided
+
+
+@dataclass(frozen=True)
+class _Job:
+    model: ServedModel
+    opts: SegmentOptions
+
+
+def _decode(job: _Job, data: bytes) -> tuple[tuple[int, int], np.ndarray]:
+    return decode(job.model, data, job.opts.max_pixels)
 
 
 def _whole(job: _Job, data: bytes, runner: InferenceRunner, queued_at: float) -> _Done:
@@ -231,19 +212,40 @@ def _notify(observers: Sequence[SegmentationObserver], record: SegmentationRecor
             log.exception("segmentation observer %r failed (request id %s)", observer, record.request_id)
 
 
+def _serving(registry: ModelRegistry, name: str | None, version: str | None) -> ServedModel:
+    """The active version of ``name`` (default: the default model), or the loaded ``version`` of it."""
+    if version is None:
+        return registry.serving(name)
+    if name is None:
+        name = registry.default_name
+        if name is None:
+            raise NotReady("no model found in the models directory")
+    state = registry.get(name)
+    target = state.versions.get(version)
+    if target is None:
+        raise VersionNotFound(
+            f"expected one of the versions {list(state.versions)} of {name}, got {version!r}"
+        )
+    if target.model is None:
+        raise VersionNotLoadable(f"{name}/{version} failed to load: {target.error}")
+    return target.model
+
+
 async def _segment(
     request: Request,
     name: str | None,
     calibrate: bool | None,
     tau: float | None,
     output: str,
+    raw_mask: bool,
+    version: str | None,
     registry: RegistryDep,
     runner: RunnerDep,
     settings: SettingsDep,
     observers: ObserversDep,
 ) -> Response:
     try:
-        model = registry.serving(name)
+        model = _serving(registry, name, version)
     except RegistryError as exc:
         raise problem_from(exc) from exc
     if calibrate and not model.has_calibration:
@@ -251,22 +253,15 @@ async def _segment(
     use_calibration = model.calibrate_default if calibrate is None else calibrate
     tau_used = model.tau_default if tau is None else tau
     request_id: str = request.state.request_id
-    job = _Job(
-        model=model,
-        calibrate=use_calibration,
-        tau=tau_used,
-        output=output,
-        json_head={
-            "request_id": request_id,
-            "model": model.name,
-            "version": model.version,
-            "calibrated": use_calibration,
-            "tau": tau_used if use_calibration else None,
-        },
-        max_pixels=settings.max_image_pixels,
-        chunk_pixels=settings.calibration_chunk_pixels,
-        png_level=settings.png_compress_level,
-    )
+    head = {
+        "request_id": request_id,
+        "model": model.name,
+        "version": model.version,
+        "calibrated": use_calibration,
+        "tau": tau_used if use_calibration else None,
+    }
+    opts = options_from(settings, use_calibration, tau_used, output, raw_mask, head)
+    job = _Job(model=model, opts=opts)
 
     with upload_slot(runner, settings):
         data = await read_image_upload(request, BodyLimits.of(settings))
@@ -302,6 +297,7 @@ async def _segment(
             raw_decision=done.decision.raw,
             calibrated_decision=done.decision.calibrated,
             winning_logits=done.decision.winning_logits,
+            calibrated_logits=done.decision.calibrated_logits,
             logits=done.logits,
             tables=model.bundle.tables,
             input_size=done.size,
@@ -325,7 +321,10 @@ async def _segment(
 _DOC = (
     "Segment an image. Body: `multipart/form-data` with a `file` part, or a raw `image/png`, `image/jpeg` or "
     "`image/webp`. Returns a palette PNG mask at the image's size (pixel value = class id), or with "
-    "`format=json` the class counts and a run-length encoded mask (`np.repeat(values, lengths)` row-major). "
+    "`format=json` the class counts and a run-length encoded mask (`np.repeat(values, lengths)` row-major), "
+    "the raw decision's class counts and the pixels calibration changed (and with `raw_mask=true` the raw "
+    "mask too). Decisions are made on logits upsampled bilinearly to the model's input size times "
+    "`decision_scale` (a setting), at most the image's size, then resized to the image by nearest neighbour. "
     f"Accepted Content-Types: {', '.join(ACCEPTED_MEDIA_TYPES)}."
 )
 
@@ -348,8 +347,12 @@ async def segment_with_model(
     calibrate: CalibrateQuery = None,
     tau: TauQuery = None,
     format: FormatQuery = "png",
+    raw_mask: RawMaskQuery = False,
+    version: VersionQuery = None,
 ) -> Response:
-    return await _segment(request, name, calibrate, tau, format, registry, runner, settings, observers)
+    return await _segment(
+        request, name, calibrate, tau, format, raw_mask, version, registry, runner, settings, observers
+    )
 
 
 @router.post(
@@ -369,5 +372,9 @@ async def segment_with_default(
     calibrate: CalibrateQuery = None,
     tau: TauQuery = None,
     format: FormatQuery = "png",
+    raw_mask: RawMaskQuery = False,
+    version: VersionQuery = None,
 ) -> Response:
-    return await _segment(request, None, calibrate, tau, format, registry, runner, settings, observers)
+    return await _segment(
+        request, None, calibrate, tau, format, raw_mask, version, registry, runner, settings, observers
+    )

@@ -26,6 +26,7 @@ from calibration.alignment import calibrated_decision
 from calibration.bias import confusion_matrix
 from calibration.bundle import SCHEMA_VERSION, Manifest, save_bundle
 from calibration.distributions import Gmm
+from calibration.segmentation import upsample_bilinear
 from calibration.tables import CalibrationTables, anchor_quantile, build_calibration_tables, positive_quantile
 from service.records import SegmentationRecord, StageTimings
 
@@ -176,11 +177,6 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def upsample(decision: np.ndarray) -> np.ndarray:
-    """(h, w) -> (4h, 4w): the nearest resize for input sides that are multiples of the stride."""
-    return np.repeat(np.repeat(decision, STRIDE, axis=0), STRIDE, axis=1)
-
-
 @dataclass
 class Expected:
     """What the service must have counted, computed by slow, direct means from the test's own logits."""
@@ -208,22 +204,27 @@ class Expected:
     def add_request(
         self, logits: np.ndarray, tables: CalibrationTables, calibrate: bool
     ) -> tuple[np.ndarray, ...]:
-        """Count one request at input resolution; returns the input-resolution raw (and calibrated) masks."""
-        raw = logits.argmax(axis=0)  # (h, w)
+        """Count one request at input resolution; returns the input-resolution raw (and calibrated) masks.
+
+        The bundle's input is the image's own size, so the service decides at the image's size (at most
+        the input x decision_scale) on logits upsampled bilinearly: no nearest resize follows.
+        """
+        logits = upsample_bilinear(logits, (logits.shape[1] * STRIDE, logits.shape[2] * STRIDE))  # (C, H, W)
+        raw = logits.argmax(axis=0)  # (H, W)
         decisions = [raw]
         if calibrate:
             decisions.append(calibrated_decision(logits, tables.shifts, tau=TAU))
         masks = []
         for d, decision in enumerate(decisions):
-            z = np.take_along_axis(logits, decision[None], axis=0)[0]  # (h, w)
-            up, z_up = upsample(decision).ravel(), upsample(z).ravel()
+            z = np.take_along_axis(logits, decision[None], axis=0)[0]  # (H, W)
+            up, z_up = decision.ravel(), z.ravel()
             self.pixels[d] += np.bincount(up, minlength=self.num_classes)
             u = positive_quantile(z_up, up, tables)
             a = anchor_quantile(z_up, tables)
             for c in range(self.num_classes):
                 self.u_sum[d, c] += u[up == c].sum()
                 self.a_sum[d, c] += a[up == c].sum()
-            masks.append(upsample(decision))
+            masks.append(decision)
         if calibrate:
             raw_up, cal_up = masks
             changed = raw_up != cal_up

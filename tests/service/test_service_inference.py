@@ -11,8 +11,10 @@ from service_helpers import manifest, random_tables, tiny_model
 
 from calibration.alignment import calibrated_decision
 from calibration.bundle import BundleError, save_bundle
+from calibration.segmentation import upsample_bilinear
 from service import inference
 from service.inference import create_session, load_served_model, raw_decision
+from service.pipeline import SegmentOptions, decide_for
 
 
 class FakeSession:
@@ -87,8 +89,13 @@ def test_the_served_decisions(tmp_path: Path) -> None:
     for i in range(12):
         for j in range(20):
             assert winning[i, j] == logits[raw[i, j], i, j] == logits[:, i, j].max()
-    chosen = inference.calibrated(logits, model, 0.7, chunk_pixels=37)
-    assert chosen.dtype == np.uint8
-    assert np.array_equal(chosen, calibrated_decision(logits, tables.shifts, tau=0.7))
+    # The pipeline's decision of a (40, 70) image: input (40, 72), so decided at the image's size on the
+    # upsampled logits, band by band.
+    opts = SegmentOptions(calibrate=True, tau=0.7, band_pixels=37 * 70)
+    decision = decide_for(model, logits, (40, 70), opts)
+    assert decision.calibrated is not None and decision.calibrated.dtype == np.uint8
+    up = upsample_bilinear(logits, (40, 70))
+    assert np.array_equal(decision.calibrated, calibrated_decision(up, tables.shifts, tau=0.7))
+    assert np.array_equal(decision.raw, up.argmax(0))
     assert model.calibrate_default and model.tau_default == 0.2
     assert model.input_size(100, 150) == (104, 152)  # multiple_of = 8

@@ -15,10 +15,20 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from service_helpers import ADMIN_KEY, NUM_CLASSES, encode, png_bytes, png_header_only, scene, settings_for
+from service_helpers import (
+    ADMIN_KEY,
+    NUM_CLASSES,
+    BundleFactory,
+    encode,
+    png_bytes,
+    png_header_only,
+    scene,
+    settings_for,
+)
 
 from calibration.alignment import calibrated_decision
 from calibration.bundle import load_bundle
+from calibration.segmentation import upsample_bilinear
 from service.app import create_app
 from service.records import SegmentationRecord
 
@@ -30,7 +40,8 @@ def mask_of(response: object) -> np.ndarray:
 
 
 def reference_mask(bundle_dir: Path, rgb: np.ndarray, calibrate: bool, tau: float) -> np.ndarray:
-    """The service's answer computed independently: onnxruntime, the core's rule, a slow-loop resize."""
+    """The service's answer computed on its own: onnxruntime, the core's upsample (tested against a slow loop
+    and torch) to the decision size, the core's rule, a slow-loop nearest resize."""
     bundle = load_bundle(bundle_dir)
     spec = bundle.manifest.input
     height, width = rgb.shape[:2]
@@ -41,9 +52,9 @@ def reference_mask(bundle_dir: Path, rgb: np.ndarray, calibrate: bool, tau: floa
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"image": x.astype(np.float32)})
     assert bundle.tables is not None
-    small = (
-        calibrated_decision(logits[0], bundle.tables.shifts, tau=tau) if calibrate else logits[0].argmax(0)
-    )
+    # decision size: the input size x 2 (decision_scale), at most the image's size
+    up = upsample_bilinear(logits[0], (min(height, 2 * size[0]), min(width, 2 * size[1])))
+    small = calibrated_decision(up, bundle.tables.shifts, tau=tau) if calibrate else up.argmax(0)
     h, w = small.shape
     out = np.empty((height, width), dtype=np.uint8)
     for i in range(height):
@@ -130,6 +141,60 @@ def test_json_format_counts_and_rle_agree_with_the_png(client: TestClient) -> No
     assert body["request_id"] == response.headers["x-request-id"]
 
 
+def rle_mask(rle: dict[str, object]) -> np.ndarray:
+    height, width = rle["size"]  # type: ignore[misc]
+    return np.repeat(rle["values"], rle["lengths"]).reshape(height, width)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("tau", [0.2, 1.0])
+def test_json_carries_both_decisions_and_the_changed_pixels(client: TestClient, tau: float) -> None:
+    """One request answers raw and calibrated: the demo page compares them without a second request."""
+    data = png_bytes(scene(50, 70, seed=3))
+    raw_png = mask_of(client.post("/v1/segment?calibrate=false", content=data, headers=PNG))
+    cal_png = mask_of(client.post(f"/v1/segment?calibrate=true&tau={tau}", content=data, headers=PNG))
+    body = client.post(
+        f"/v1/segment?calibrate=true&tau={tau}&format=json&raw_mask=true", content=data, headers=PNG
+    ).json()
+    assert np.array_equal(rle_mask(body["mask"]), cal_png)
+    assert np.array_equal(rle_mask(body["raw_mask"]), raw_png)
+    assert body["changed_pixels"] == int((raw_png != cal_png).sum()) > 0
+    assert list(body["raw_class_counts"].values()) == np.bincount(raw_png.ravel(), minlength=19).tolist()
+    assert body["decision_size"] == [50, 70]  # a small image is decided at its own size
+    plain = client.post("/v1/segment?calibrate=false&format=json", content=data, headers=PNG).json()
+    assert plain["changed_pixels"] is None and "raw_mask" not in plain
+    assert plain["raw_class_counts"] == plain["class_counts"]
+
+
+def test_a_version_can_be_chosen_per_request(client: TestClient) -> None:
+    data = png_bytes(scene(30, 40, seed=6))
+    for version in ("1", "2"):
+        response = client.post(f"/v1/models/tiny/segment?version={version}", content=data, headers=PNG)
+        assert response.status_code == 200 and response.headers["x-model-version"] == version
+    one = client.post("/v1/segment?version=1", content=data, headers=PNG)
+    two = client.post("/v1/segment", content=data, headers=PNG)
+    assert one.headers["x-model-version"] == "1" and two.headers["x-model-version"] == "2"
+    assert one.content != two.content  # other weights: the version really served
+    missing = client.post("/v1/models/tiny/segment?version=7", content=data, headers=PNG)
+    assert missing.status_code == 404 and missing.json()["type"] == "/problems/version-not-found"
+    assert "expected one of the versions ['1', '2'] of tiny, got '7'" in missing.json()["detail"]
+
+
+def test_decisions_are_made_above_the_logit_grid(tmp_path: Path, make_bundle: BundleFactory) -> None:
+    """A fixed 32 x 64 input (8 x 16 logits) and a 128 x 256 image: decided at 64 x 128 (input x 2), so
+    the mask has 2-pixel steps, not the 16-pixel blocks of the logit grid."""
+    make_bundle(tmp_path / "models", "fixed", "1", size=(32, 64))
+    rgb = scene(128, 256, seed=4)
+    with TestClient(create_app(settings_for(tmp_path / "models", default_model="fixed"))) as fixed:
+        body = fixed.post(
+            "/v1/segment?calibrate=false&format=json", content=png_bytes(rgb), headers=PNG
+        ).json()
+    assert body["decision_size"] == [64, 128]
+    mask = rle_mask(body["mask"])
+    cols = np.flatnonzero((mask[:, 1:] != mask[:, :-1]).any(axis=0)) + 1  # columns where a label changes
+    assert cols.size and (cols % 2 == 0).all()  # steps of the 64 x 128 decision, 2 image pixels wide
+    assert (cols % 16 != 0).mean() > 0.5  # most transitions inside the 16-pixel cells of the logit grid
+
+
 def test_multipart_and_every_format_and_mode(client: TestClient) -> None:
     rgb = scene(48, 64, seed=4)
     image = Image.fromarray(rgb)
@@ -179,14 +244,17 @@ def test_observers_receive_one_record_per_request(models_dir: Path) -> None:
     assert record.request_id == response.headers["x-request-id"]
     assert (record.model_name, record.model_version, record.calibrate, record.tau) == ("tiny", "2", True, 0.5)
     assert record.input_size == (61, 83)
-    c, h, w = record.logits.shape
-    assert c == NUM_CLASSES and record.raw_decision.shape == (h, w) == record.winning_logits.shape
-    assert np.array_equal(record.raw_decision, record.logits.argmax(0))
-    assert np.array_equal(record.winning_logits, record.logits.max(0))
+    assert record.logits.shape[0] == NUM_CLASSES
+    # Decisions at the decision size (here the image's: it is small), on the upsampled logits.
+    up = upsample_bilinear(record.logits, (61, 83))
+    assert record.raw_decision.shape == (61, 83) == record.winning_logits.shape
+    assert np.array_equal(record.raw_decision, up.argmax(0))
+    assert np.array_equal(record.winning_logits, up.max(0))
     assert record.calibrated_decision is not None and record.tables is not None
-    assert np.array_equal(
-        record.calibrated_decision, calibrated_decision(record.logits, record.tables.shifts, tau=0.5)
-    )
+    cal = calibrated_decision(up, record.tables.shifts, tau=0.5)
+    assert np.array_equal(record.calibrated_decision, cal)
+    assert record.calibrated_logits is not None
+    assert np.array_equal(record.calibrated_logits, np.take_along_axis(up, cal[None], 0)[0])
     assert record.timings.infer > 0
 
 
@@ -291,7 +359,14 @@ def test_openapi_docs_and_demo_page(client: TestClient) -> None:
         "image/jpeg",
         "image/webp",
     }
-    assert {p["name"] for p in segment["parameters"]} == {"name", "calibrate", "tau", "format"}
+    assert {p["name"] for p in segment["parameters"]} == {
+        "name",
+        "calibrate",
+        "tau",
+        "format",
+        "raw_mask",
+        "version",
+    }
     assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]

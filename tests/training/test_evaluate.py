@@ -173,3 +173,48 @@ def test_class_subset_needs_a_19_class_model() -> None:
         class_subset(12, 19)
     with pytest.raises(ValueError, match=r"--classes 16: expected a 19-class model .* got 6 classes"):
         class_subset(16, 6)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "height", "width"),
+    [(8, 16, 32, 64), (5, 7, 23, 50), (32, 64, 256, 512), (9, 9, 4, 5), (1, 3, 6, 6)],
+)
+def test_core_upsample_equals_torch_interpolate(h: int, w: int, height: int, width: int) -> None:
+    """The service's numpy upsample is torch's F.interpolate(bilinear, align_corners=False), the one the
+    networks and the training-time GMM fits use: served decisions see the logits training saw."""
+    from calibration.segmentation import upsample_bilinear
+
+    logits = np.random.default_rng(h * w).normal(0, 4, (1, 5, h, w)).astype(np.float32)
+    np.testing.assert_allclose(
+        upsample_bilinear(logits[0], (height, width)), upsample_logits(logits, (height, width))[0], atol=2e-5
+    )
+
+
+def test_evaluated_decisions_are_the_pipelines_at_the_decision_size() -> None:
+    """Labels larger than the model's input x decision_scale: decided at input x scale, then nearest to
+    the label, as the service serves them (not at the label's size)."""
+    from calibration.segmentation import decide, resize_nearest
+    from training.evaluation.predictors import ResizingPredictor
+
+    rng = np.random.default_rng(5)
+    c = 3
+    fixed = rng.normal(0, 3, (1, c, 2, 2)).astype(np.float32)
+    seen: list[tuple[int, ...]] = []
+
+    def coarse(images: np.ndarray) -> np.ndarray:  # (N, 4, 4, 3) -> (N, C, 2, 2): stride 2
+        seen.append(images.shape)
+        return fixed
+
+    predictor = ResizingPredictor(coarse, size=(4, 4))
+    image = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    label = rng.integers(0, c, (16, 16)).astype(np.uint8)
+    conf = accumulate_confusions(predictor, [Sample(image, label, "x")], c)
+    made = decide(predictor(image[None])[0], (8, 8))  # input 4 x 4 x decision_scale 2
+    expected = np.zeros((c, c), np.int64)
+    np.add.at(expected, (label.ravel(), resize_nearest(made.raw, 16, 16).ravel()), 1)
+    np.testing.assert_array_equal(conf.raw, expected)
+    assert seen[0] == (1, 4, 4, 3)
+    at_label = decide(predictor(image[None])[0], (16, 16)).raw
+    assert not np.array_equal(at_label, resize_nearest(made.raw, 16, 16)), (
+        "the case must tell the sizes apart"
+    )

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibration.alignment import calibrated_decision
 from calibration.bias import bias_from_confusion, confusion_matrix, iou_from_confusion, subset_mean_iou
 from calibration.classes import NUM_CLASSES, SUBSETS
 from calibration.labels import IGNORE_INDEX
 from calibration.refit import RefitConfig
+from calibration.segmentation import decide, decision_size, resize_nearest, upsample_bilinear
 from calibration.tables import CalibrationTables, pit_check
 from training.config import DataConfig, data_config
 from training.data.datasets import Sample
@@ -30,9 +30,11 @@ from training.evaluation.predictors import (
     Predictor,
     ResizingPredictor,
     TorchPredictor,
-    upsample_logits,
 )
 from training.tables import PixelSampler, fit_serving_tables
+
+# The service's default decision_scale (service.settings): evaluated masks are served masks.
+DECISION_SCALE = 2.0
 
 
 def _finite(value: float) -> float | None:
@@ -71,6 +73,13 @@ class Confusions:
     num_images: int
 
 
+def model_input_size(predictor: Predictor, height: int, width: int) -> tuple[int, int]:
+    """(H, W) the model sees for an (height, width) image: a ResizingPredictor's target, else the image's."""
+    if isinstance(predictor, ResizingPredictor):
+        return predictor.target_size(height, width)
+    return height, width
+
+
 def accumulate_confusions(
     predictor: Predictor,
     samples: Iterable[Sample],
@@ -78,10 +87,16 @@ def accumulate_confusions(
     tables: CalibrationTables | None = None,
     taus: Sequence[float] = (),
     on_logits: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    decision_scale: float = DECISION_SCALE,
 ) -> Confusions:
-    """One pass over the samples (one image at a time: sizes may differ). Logits are upsampled to the
-    label size before both the raw argmax and the calibrated decision, so the two see the same logits.
-    `on_logits(logits (C, H, W), label (H, W))` lets a caller collect logits in the same pass."""
+    """One pass over the samples (one image at a time: sizes may differ).
+
+    Decisions are the service's (calibration.segmentation.decide): logits upsampled bilinearly to the
+    model's input size x `decision_scale`, at most the label's size, the raw argmax and the calibrated
+    rule on those same logits, then the nearest resize to the label. Where the label is no larger than
+    input x scale (the synthetic benchmark: 256 x 512 labels, 128 x 256 bundle inputs) that is the
+    upsample to the label size itself. `on_logits(logits (C, H, W), label (H, W))` lets a caller collect
+    logits upsampled to the label size in the same pass."""
     if taus and tables is None:
         raise ValueError("taus: calibrated metrics need calibration tables, got none")
     raw = np.zeros((num_classes, num_classes), np.int64)
@@ -92,15 +107,14 @@ def accumulate_confusions(
         logits = predictor(np.asarray(sample.image)[None])  # (1, C, h, w)
         if logits.shape[1] != num_classes:
             raise ValueError(f"logits: expected {num_classes} classes, got {logits.shape[1]} ({sample.name})")
-        up = upsample_logits(logits, (label.shape[0], label.shape[1]))[0]  # (C, H, W)
-        raw += confusion_matrix(up.argmax(0), label, num_classes, IGNORE_INDEX)
-        for tau, conf in cal.items():
-            assert tables is not None
-            conf += confusion_matrix(
-                calibrated_decision(up, tables.shifts, tau), label, num_classes, IGNORE_INDEX
-            )
+        height, width = label.shape[0], label.shape[1]
+        size = decision_size((height, width), model_input_size(predictor, height, width), decision_scale)
+        made = decide(logits[0], size, tables.shifts if tables is not None else None, list(cal))
+        raw += confusion_matrix(resize_nearest(made.raw, height, width), label, num_classes, IGNORE_INDEX)
+        for conf, chosen in zip(cal.values(), made.calibrated, strict=True):
+            conf += confusion_matrix(resize_nearest(chosen, height, width), label, num_classes, IGNORE_INDEX)
         if on_logits is not None:
-            on_logits(up, label)
+            on_logits(upsample_bilinear(logits[0], (height, width)), label)
         count += 1
     if count == 0:
         raise ValueError("samples: expected at least one labelled image, got none")

@@ -1,0 +1,157 @@
+"""One segmentation, bytes to bytes: decode, infer, decide, encode. No fastapi here.
+
+The segment route runs these stages (on its thread pools, maybe batching inference) and `blda predict`
+runs them in-process through :func:`segment_bytes`: the same functions, so a predicted mask is the served
+mask byte for byte. The decision itself is the core's (:func:`calibration.segmentation.decide`), shared
+with `blda evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from calibration.segmentation import decide, decision_size, resize_nearest
+from service.imaging import class_counts, decode_image, encode_png_mask, preprocess, run_length_encode
+from service.inference import ServedModel
+from service.settings import ServiceSettings
+
+FORMATS = ("png", "json")
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """One request's parameters, fixed before any work starts."""
+
+    calibrate: bool
+    tau: float
+    output: str = "png"  # "png" | "json"
+    max_pixels: int = 4096 * 4096
+    decision_scale: float = 2.0
+    band_pixels: int = 65536
+    png_level: int = 1
+    raw_mask: bool = False  # json: the raw decision's mask too, beside the served one
+    json_head: dict[str, Any] = field(default_factory=dict)  # leading fields of the JSON body
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The decisions at the decision size (H', W'), see calibration.segmentation."""
+
+    raw: np.ndarray  # (H', W') uint8
+    calibrated: np.ndarray | None  # (H', W') uint8
+    winning_logits: np.ndarray  # (H', W') float32, the raw class's logit
+    calibrated_logits: np.ndarray | None  # (H', W') float32, the calibrated class's logit
+
+    @property
+    def served(self) -> np.ndarray:
+        return self.calibrated if self.calibrated is not None else self.raw
+
+
+def options_from(
+    settings: ServiceSettings,
+    calibrate: bool,
+    tau: float,
+    output: str = "png",
+    raw_mask: bool = False,
+    json_head: dict[str, Any] | None = None,
+) -> SegmentOptions:
+    """The options of one segmentation under the service's settings (the route and `blda predict`)."""
+    if output not in FORMATS:
+        raise ValueError(f"format: expected one of {list(FORMATS)}, got {output!r}")
+    return SegmentOptions(
+        calibrate=calibrate,
+        tau=tau,
+        output=output,
+        max_pixels=settings.max_image_pixels,
+        decision_scale=settings.decision_scale,
+        band_pixels=settings.calibration_chunk_pixels,
+        png_level=settings.png_compress_level,
+        raw_mask=raw_mask,
+        json_head=dict(json_head or {}),
+    )
+
+
+def decode(model: ServedModel, data: bytes, max_pixels: int) -> tuple[tuple[int, int], np.ndarray]:
+    """bytes -> (H, W) of the image and the (1, 3, h, w) model input."""
+    rgb = decode_image(data, max_pixels)  # (H, W, 3) uint8
+    height, width = rgb.shape[:2]
+    return (height, width), preprocess(rgb, model.input_size(height, width), model.norm)
+
+
+def decide_for(
+    model: ServedModel, logits: np.ndarray, size: tuple[int, int], opts: SegmentOptions
+) -> Decision:
+    """(C, h, w) logits of an (H, W) image -> decisions at min(image, model input x decision_scale)."""
+    out = decision_size(size, model.input_size(*size), opts.decision_scale)
+    tables = model.bundle.tables
+    if opts.calibrate and tables is None:
+        raise ValueError(f"{model.name}/{model.version} has no calibration tables")
+    taus = (opts.tau,) if opts.calibrate else ()
+    made = decide(logits, out, tables.shifts if tables is not None else None, taus, opts.band_pixels)
+    if not opts.calibrate:
+        return Decision(made.raw, None, made.raw_logit, None)
+    return Decision(made.raw, made.calibrated[0], made.raw_logit, made.calibrated_logit[0])
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    values, lengths = run_length_encode(mask)
+    return {
+        "encoding": "rle-row-major",
+        "size": [int(mask.shape[0]), int(mask.shape[1])],
+        "values": values.tolist(),
+        "lengths": lengths.tolist(),
+    }
+
+
+def encode(model: ServedModel, decision: Decision, size: tuple[int, int], opts: SegmentOptions) -> bytes:
+    """Decisions -> the response body at the image's size (H', W') -> (H, W) nearest."""
+    full = resize_nearest(decision.served, *size)
+    if opts.output == "png":
+        return encode_png_mask(full, model.palette, opts.png_level)
+    classes = model.bundle.manifest.class_names
+
+    def counts(mask: np.ndarray) -> dict[str, int]:
+        return {name: int(n) for name, n in zip(classes, class_counts(mask, len(classes)), strict=True)}
+
+    body: dict[str, Any] = {**opts.json_head, "classes": classes, "class_counts": counts(full)}
+    body["decision_size"] = [int(decision.served.shape[0]), int(decision.served.shape[1])]
+    if decision.calibrated is not None:
+        raw_full = resize_nearest(decision.raw, *size)
+        body["raw_class_counts"] = counts(raw_full)
+        # At the image's size, as the masks the client gets: what the demo page shows as changed.
+        body["changed_pixels"] = int(np.count_nonzero(raw_full != full))
+    else:
+        raw_full = full
+        body["raw_class_counts"] = body["class_counts"]
+        body["changed_pixels"] = None
+    body["mask"] = _rle(full)
+    if opts.raw_mask:
+        body["raw_mask"] = _rle(raw_full)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Segmented:
+    size: tuple[int, int]  # (H, W) of the image
+    logits: np.ndarray  # (C, h, w) the model's logits
+    decision: Decision
+    body: bytes
+
+
+def segment_bytes(
+    model: ServedModel,
+    data: bytes,
+    opts: SegmentOptions,
+    run: Callable[[ServedModel, np.ndarray], np.ndarray] | None = None,
+) -> Segmented:
+    """Every stage in the calling thread; ``run(model, (1, 3, h, w)) -> (1, C, h', w')`` defaults to the
+    model's own session (the service passes its concurrency-limited runner)."""
+    size, image = decode(model, data, opts.max_pixels)
+    logits = (run(model, image) if run is not None else model.run(image))[0]  # (C, h, w)
+    decision = decide_for(model, logits, size, opts)
+    return Segmented(size, logits, decision, encode(model, decision, size, opts))
