@@ -23,10 +23,11 @@ from service_helpers import settings_for
 from typer.testing import CliRunner
 
 from blda.cli import app
+from calibration.bundle import served_version
 from service.app import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ROOT / "models" / "blda-synth" / "1.1.0" / "model.onnx"
+SHIPPED = ROOT / "models" / "blda-synth" / str(served_version(ROOT / "models", "blda-synth")) / "model.onnx"
 C7 = 7
 runner = CliRunner()
 

@@ -228,8 +228,10 @@ def test_root_cli_lists_the_commands() -> None:
 
 def test_a_checkpoint_where_a_bundle_is_expected_and_the_reverse_is_one_line(tmp_path: Path) -> None:
     from blda.cli import app
+    from calibration.bundle import served_version
 
-    shipped = Path(__file__).resolve().parents[2] / "models" / "blda-synth" / "1.1.0"
+    models = Path(__file__).resolve().parents[2] / "models"
+    shipped = models / "blda-synth" / str(served_version(models, "blda-synth"))
     checkpoint = tmp_path / "model.pt"
     torch.save({"model": {}}, checkpoint)
     data = tmp_path / "data"
