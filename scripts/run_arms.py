@@ -106,10 +106,11 @@ def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> dict[str
     return codes
 
 
-def _mean_std(values: list[float]) -> list[float] | None:
+def _mean_std(values: list[float]) -> list[float | None] | None:
+    """[mean, std over seeds]; std None for a single run (a spread of one run would read as 0)."""
     if not values:
         return None
-    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None]
 
 
 def _target(path: Path) -> dict[str, Any] | None:
@@ -146,7 +147,7 @@ def summarise(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
             continue
         tau = choose_tau(tuning, args.taus)
         val = [t for t in (_target(r / "evaluate-val" / "metrics.json") for r in runs) if t]
-        per_seed = []
+        per_seed: list[dict[str, Any]] = []
         for run, tun, va in zip(runs, tuning, val + [None] * (len(runs) - len(val)), strict=True):
             per_seed.append(
                 {
@@ -178,6 +179,8 @@ def summarise(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
                 row[f"{key}_vs_baseline"] = _mean_std(pairs)
     blda = {n: r for n, r in rows.items() if r["arm"] == "blda"}
     chosen = max(blda, key=lambda n: blda[n]["tuning_miou"][0]) if blda else None
+    for row in rows.values():
+        row["seeds"] = len(row["runs"])
     return {
         "data": str(args.data),
         "baseline": args.baseline,
@@ -198,13 +201,15 @@ def _curve(run: Path) -> list[list[float]]:
     return points
 
 
-def _fmt(ms: list[float] | None) -> str:
-    return "–" if ms is None else f"{ms[0]:.2f} ± {ms[1]:.2f}"
+def _fmt(ms: list[float | None] | None) -> str:
+    if ms is None or ms[0] is None:
+        return "–"
+    return f"{ms[0]:.2f}" if ms[1] is None else f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
 def table(summary: dict[str, Any]) -> str:
     lines = [
-        "| variant | tuning mIoU | Δ tuning vs baseline | τ (tuning) | val mIoU | val class-IoU std "
+        "| variant (seeds) | tuning mIoU | Δ tuning vs baseline | τ (tuning) | val mIoU | val class-IoU std "
         "| val mIoU, calibrated at τ | val class-IoU std, calibrated | Δ val vs baseline | PIT dev. (val) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -212,7 +217,7 @@ def table(summary: dict[str, Any]) -> str:
         mark = " (chosen on tuning)" if name == summary["chosen_blda_on_tuning"] else ""
         pit = r.get("val_pit_deviation")
         lines.append(
-            f"| {name}{mark} | {_fmt(r.get('tuning_miou'))} | {_fmt(r.get('tuning_miou_vs_baseline'))} "
+            f"| {name}{mark} ({r['seeds']}) | {_fmt(r.get('tuning_miou'))} | {_fmt(r.get('tuning_miou_vs_baseline'))} "
             f"| {r['tau']:g} | {_fmt(r.get('val_miou'))} | {_fmt(r.get('val_class_iou_std'))} "
             f"| {_fmt(r.get('val_miou_calibrated'))} | {_fmt(r.get('val_class_iou_std_calibrated'))} "
             f"| {_fmt(r.get('val_miou_vs_baseline'))} | {'–' if pit is None else f'{pit[0]:.3f}'} |"
