@@ -191,13 +191,18 @@ def summarise(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
 
 def _curve(run: Path) -> list[list[float]]:
     """(iteration, tuning mIoU %) of the evaluations during training (training-time BatchNorm statistics),
-    from metrics.jsonl, whose lines repeat the last evaluation: each new value is one evaluation."""
+    from metrics.jsonl, whose lines repeat the last evaluation: each new value is one evaluation; the last
+    point is the final one, after AdaBN (eval.json)."""
     points: list[list[float]] = []
     log = run / "metrics.jsonl"
     for line in log.read_text().splitlines() if log.is_file() else []:
         rec = json.loads(line)
         if "miou" in rec and (not points or points[-1][1] != 100 * rec["miou"]):
             points.append([int(rec["iteration"]), 100 * float(rec["miou"])])
+    final = run / "eval.json"
+    if final.is_file():  # the end of training, after AdaBN re-estimated the BatchNorm statistics on target
+        ev = json.loads(final.read_text())
+        points.append([int(ev["iteration"]), 100 * float(ev["miou"])])
     return points
 
 

@@ -110,9 +110,9 @@ def plot_curves(curves: dict[str, list[list[list[float]]]], path: str | Path, ti
         (line,) = ax.plot(iters, np.nanmean(table, axis=0), marker="o", label=f"{name} ({len(runs)} seeds)")
         for row in table:
             ax.plot(iters, row, color=line.get_color(), alpha=0.25, linewidth=0.8)
-    ax.set_xlabel("iteration")
+    ax.set_xlabel("iteration (the last point: after AdaBN)")
     ax.set_ylabel("target tuning mIoU (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     return _save(plt, fig, path)
