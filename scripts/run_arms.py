@@ -141,9 +141,10 @@ def _decision(target: dict[str, Any], tau: float) -> dict[str, Any]:
 def summarise(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for v in variants:
-        runs = _variant_runs(args, v)
+        # The seeds that have been evaluated (a variant tried on fewer seeds says so in its row).
+        runs = [r for r in _variant_runs(args, v) if (r / "evaluate-tuning" / "metrics.json").is_file()]
         tuning = [t for t in (_target(r / "evaluate-tuning" / "metrics.json") for r in runs) if t]
-        if len(tuning) != len(runs) or not runs:
+        if not runs:
             continue
         tau = choose_tau(tuning, args.taus)
         val = [t for t in (_target(r / "evaluate-val" / "metrics.json") for r in runs) if t]
@@ -152,6 +153,7 @@ def summarise(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
             per_seed.append(
                 {
                     "run": str(run),
+                    "seed": int(run.name.rsplit("-s", 1)[1]) if v.arm != "source-only" else None,
                     "tuning_miou": _pct(tun["raw"]),
                     "tuning_miou_calibrated": _pct(_decision(tun, tau)),
                     "val_miou": _pct(va["raw"]) if va else None,
@@ -171,10 +173,14 @@ def summarise(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
     for row in rows.values():
         if base is not None:
             for key in ("tuning_miou", "val_miou"):
+                # Paired by seed; the source-only model is the shared start of every seed.
                 pairs = [
                     a[key] - b[key]
-                    for a, b in zip(row["runs"], base["runs"], strict=False)
-                    if a[key] is not None and b[key] is not None
+                    for a in row["runs"]
+                    for b in base["runs"]
+                    if (a["seed"] is None or a["seed"] == b["seed"])
+                    and a[key] is not None
+                    and b[key] is not None
                 ]
                 row[f"{key}_vs_baseline"] = _mean_std(pairs)
     blda = {n: r for n, r in rows.items() if r["arm"] == "blda"}
