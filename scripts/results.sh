@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's results, end to end: both benchmarks, the source-only start, every variant tried (choices on
 # the tuning split only), val read once, and the shipped bundle. Resumable: finished runs are skipped.
-# About 5 hours on 2 CPU cores (two runs at a time, one thread each).
+# About 2 hours on 2 quiet CPU cores (two runs at a time, one thread each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BLDA=.venv/bin/blda
