@@ -151,3 +151,27 @@ def anchor_distance(dist: Gmm, anchor: Gmm) -> np.ndarray:
     batch = dist.batch_shape
     q = gmm_quantile(np.broadcast_to(_LEVELS, (*batch, _LEVELS.size)), dist)  # (*B, Q)
     return np.abs(q - qa).mean(axis=-1)
+
+
+def calibration_default(raw: np.ndarray, calibrated: dict[float, np.ndarray]) -> dict[str, object]:
+    """The rule that sets a bundle's calibration default, from held-out confusions (C, C): the τ with the
+    best mIoU, and calibration on only when it beats raw there (`blda export`, `blda bundle create`)."""
+
+    def miou(conf: np.ndarray) -> float:
+        iou = iou_from_confusion(conf)
+        return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+
+    raw_miou = miou(raw)
+    scores = {float(tau): miou(conf) for tau, conf in calibrated.items()}
+    best = max(scores, key=lambda t: scores[t]) if scores else 0.2
+    enabled = bool(scores) and scores[best] > raw_miou
+    return {
+        "raw_miou": raw_miou,
+        "calibrated_miou": {f"{t:g}": m for t, m in scores.items()},
+        "tau": float(best),
+        "enabled": enabled,
+        "summary": (
+            f"calibration at τ={best:g} {'raised' if enabled else 'did not raise'} mIoU "
+            f"({raw_miou * 100:.2f} raw, {scores.get(best, raw_miou) * 100:.2f} calibrated)"
+        ),
+    }

@@ -22,6 +22,9 @@ import numpy as np
 
 from calibration.alignment import ShiftTables, bound_slack, calibrated_decision, first_pass_margins
 
+# Decisions are made at the model's input size times this (at most the image's size): the service's default
+# setting, `blda evaluate`'s and `blda bundle create`'s, so that evaluated masks are served masks.
+DEFAULT_DECISION_SCALE = 2.0
 # Pixels of decision per band (rows x width): bounds the upsampled logits held at once (C x this x 4 bytes,
 # ~5 MB at 19 classes) whatever the image size.
 DEFAULT_BAND_PIXELS = 65536

@@ -145,9 +145,12 @@ class Runner:
         (logits,) = self.session.run([self.graph.output_name], {self.graph.input_name: x})
         return np.asarray(logits, dtype=np.float32)
 
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) the model sees for an image of that size (the manifest's input size rules)."""
+        return model_input_size(height, width, self.spec.size, self.spec.multiple_of)
+
     def __call__(self, rgb: np.ndarray) -> np.ndarray:  # (H, W, 3) uint8 -> (C, h, w)
-        size = model_input_size(rgb.shape[0], rgb.shape[1], self.spec.size, self.spec.multiple_of)
-        return self.run_tensor(preprocess(rgb, size, self.norm))[0]
+        return self.run_tensor(preprocess(rgb, self.input_size(rgb.shape[0], rgb.shape[1]), self.norm))[0]
 
 
 def probe(runner: Runner, path: Path) -> tuple[int, int]:
@@ -466,11 +469,11 @@ def choose_calibration(
     taus: Sequence[float],
     advance: Advance,
 ) -> dict[str, Any]:
-    """τ with the best held-out mIoU, on only when it beats raw there (training.export's rule); decisions
-    made as the service makes them (at the logits' resolution, resized nearest to the image); the PIT
-    check of the tables on the held-out labelled pixels."""
-    from calibration.alignment import calibrated_decision
-    from calibration.bias import confusion_matrix, iou_from_confusion
+    """τ and the calibration default by the core's rule (calibration.bias.calibration_default, as
+    `blda export`), on decisions made as the service makes them (calibration.segmentation); the PIT check
+    of the tables on the held-out labelled pixels."""
+    from calibration.bias import calibration_default, confusion_matrix
+    from calibration.segmentation import DEFAULT_DECISION_SCALE, decide, decision_size
 
     c = tables.num_classes
     raw = np.zeros((c, c), np.int64)
@@ -484,34 +487,23 @@ def choose_calibration(
         )
         logits = runner(image)  # (C, h, w)
         size = image.shape[:2]
-        raw += confusion_matrix(resize_nearest(logits.argmax(0), *size), label, c)
-        for tau in cal:
-            pred = calibrated_decision(logits, tables.shifts, tau=tau)
+        # Decided as the service decides (calibration.segmentation), then resized to the label.
+        at = decision_size(size, runner.input_size(*size), DEFAULT_DECISION_SCALE)
+        made = decide(logits, at, tables.shifts, list(cal))
+        raw += confusion_matrix(resize_nearest(made.raw, *size), label, c)
+        for tau, pred in zip(cal, made.calibrated, strict=True):
             cal[tau] += confusion_matrix(resize_nearest(pred, *size), label, c)
         pit(logits, size, label)
         count += 1
         advance()
 
-    def miou(conf: np.ndarray) -> float:
-        iou = iou_from_confusion(conf)
-        return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
-
-    raw_miou = miou(raw)
-    scores = {tau: miou(conf) for tau, conf in cal.items()}
-    best = max(scores, key=lambda t: scores[t]) if scores else 0.2
-    enabled = bool(scores) and scores[best] > raw_miou
+    choice = calibration_default(raw, cal)
     logits_p, labels_p = pit.arrays()
     return {
         "split": f"target held out (every {HOLDOUT_EVERY}th image, not used for the fit)",
         "images": count,
-        "raw_miou": raw_miou,
-        "calibrated_miou": {f"{t:g}": m for t, m in scores.items()},
-        "tau": float(best),
-        "enabled": enabled,
-        "reason": (
-            f"calibration at τ={best:g} {'raised' if enabled else 'did not raise'} held-out target mIoU "
-            f"({raw_miou * 100:.2f} raw, {scores.get(best, raw_miou) * 100:.2f} calibrated)"
-        ),
+        **{k: v for k, v in choice.items() if k != "summary"},
+        "reason": f"{choice['summary']} on the held-out target images",
         "pit": pit_check(logits_p[:, 0, :], labels_p[0], tables).to_dict(),
     }
 

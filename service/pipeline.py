@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.segmentation import decide, decision_size, resize_nearest
+from calibration.segmentation import DEFAULT_DECISION_SCALE, decide, decision_size, resize_nearest
 from service.imaging import class_counts, decode_image, encode_png_mask, preprocess, run_length_encode
 from service.inference import ServedModel
 from service.settings import ServiceSettings
@@ -31,7 +31,7 @@ class SegmentOptions:
     tau: float
     output: str = "png"  # "png" | "json"
     max_pixels: int = 4096 * 4096
-    decision_scale: float = 2.0
+    decision_scale: float = DEFAULT_DECISION_SCALE
     band_pixels: int = 65536
     png_level: int = 1
     raw_mask: bool = False  # json: the raw decision's mask too, beside the served one

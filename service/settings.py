@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from calibration.segmentation import DEFAULT_DECISION_SCALE
 from service.names import check_name
 
 SETTINGS_FILE_ENV = "BLDA_SETTINGS_FILE"
@@ -120,7 +121,7 @@ class ServiceSettings(BaseSettings):
     # image's own size, then resized to the image by nearest neighbour (calibration.segmentation). At 2,
     # a 512 x 1024 image through a 128 x 256 input is decided at 256 x 512: 2-pixel steps, not 16-pixel
     # blocks of stride-4 logits; larger values cost calibrated-rule time for little visible detail.
-    decision_scale: float = Field(default=2.0, gt=0.0, le=16.0)
+    decision_scale: float = Field(default=DEFAULT_DECISION_SCALE, gt=0.0, le=16.0)
 
     @field_validator("admin_api_key", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from calibration.bias import calibration_default
 from calibration.bundle import (
     SCHEMA_VERSION,
     CalibrationSpec,
@@ -29,7 +30,7 @@ from calibration.refit import RefitConfig
 from calibration.tables import CalibrationTables, pit_check
 from training.config import DataConfig
 from training.datasets import load_split, open_split
-from training.evaluation.evaluate import accumulate_confusions, class_metrics
+from training.evaluation.evaluate import accumulate_confusions
 from training.evaluation.predictors import Predictor, ResizingPredictor, TorchPredictor
 from training.models import ExportError, LoadedModel, load_model, untrained_model
 from training.networks import IMAGE_MEAN, IMAGE_STD, OUTPUT_STRIDE
@@ -338,22 +339,13 @@ def choose_calibration(
     check of the tables on the tuning split's labelled pixels."""
     sampler = PixelSampler(4096, seed=7)
     conf = accumulate_confusions(predictor, tuning, tables.num_classes, tables, list(taus), sampler)
-    raw = float(class_metrics(conf.raw)["miou"] or 0.0)
-    scores = {tau: float(class_metrics(c)["miou"] or 0.0) for tau, c in conf.calibrated.items()}
-    best = max(scores, key=lambda t: scores[t]) if scores else 0.2
-    enabled = bool(scores) and scores[best] > raw
+    choice = calibration_default(conf.raw, conf.calibrated)
     logits, labels = sampler.arrays()
     return {
         "split": "tuning",
         "images": conf.num_images,
-        "raw_miou": raw,
-        "calibrated_miou": {f"{t:g}": m for t, m in scores.items()},
-        "tau": float(best),
-        "enabled": enabled,
-        "reason": (
-            f"calibration at τ={best:g} {'raised' if enabled else 'did not raise'} tuning mIoU "
-            f"({raw * 100:.2f} raw, {scores.get(best, raw) * 100:.2f} calibrated)"
-        ),
+        **{k: v for k, v in choice.items() if k != "summary"},
+        "reason": f"{choice['summary']} on the target tuning split",
         "pit": pit_check(logits[:, 0, :], labels[0], tables).to_dict(),
     }
 

@@ -130,3 +130,18 @@ def test_refit_config_rejects_bad_values() -> None:
         RefitConfig(keep_fraction=0.0)
     with pytest.raises(ValueError, match="min_row_pixels: expected >= 1"):
         RefitConfig(min_row_pixels=0)
+
+
+def test_the_calibration_default_is_on_only_where_it_beats_raw() -> None:
+    from calibration.bias import calibration_default
+
+    good = np.diag([50, 50, 50])  # every pixel right: mIoU 1
+    worse = good.copy()
+    worse[0, 0], worse[0, 1] = 40, 10  # class 0 pixels partly called 1: mIoU < 1
+    chosen = calibration_default(worse, {0.1: worse, 0.2: good, 0.4: worse})
+    assert chosen["tau"] == 0.2 and chosen["enabled"] is True
+    assert chosen["raw_miou"] < chosen["calibrated_miou"]["0.2"] == 1.0
+    # Calibration that only ties raw stays off; with nothing to compare, off.
+    tie = calibration_default(good, {0.1: good, 0.2: worse})
+    assert tie["tau"] == 0.1 and tie["enabled"] is False
+    assert calibration_default(good, {})["enabled"] is False

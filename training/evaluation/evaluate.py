@@ -20,7 +20,13 @@ from calibration.bias import bias_from_confusion, confusion_matrix, iou_from_con
 from calibration.classes import NUM_CLASSES, SUBSETS
 from calibration.labels import IGNORE_INDEX
 from calibration.refit import RefitConfig
-from calibration.segmentation import decide, decision_size, resize_nearest, upsample_bilinear
+from calibration.segmentation import (
+    DEFAULT_DECISION_SCALE,
+    decide,
+    decision_size,
+    resize_nearest,
+    upsample_bilinear,
+)
 from calibration.tables import CalibrationTables, pit_check
 from training.config import DataConfig, data_config
 from training.data.datasets import Sample
@@ -32,9 +38,6 @@ from training.evaluation.predictors import (
     TorchPredictor,
 )
 from training.tables import PixelSampler, fit_serving_tables
-
-# The service's default decision_scale (service.settings): evaluated masks are served masks.
-DECISION_SCALE = 2.0
 
 
 def _finite(value: float) -> float | None:
@@ -87,7 +90,7 @@ def accumulate_confusions(
     tables: CalibrationTables | None = None,
     taus: Sequence[float] = (),
     on_logits: Callable[[np.ndarray, np.ndarray], None] | None = None,
-    decision_scale: float = DECISION_SCALE,
+    decision_scale: float = DEFAULT_DECISION_SCALE,
 ) -> Confusions:
     """One pass over the samples (one image at a time: sizes may differ).
 
