@@ -16,7 +16,7 @@ def test_presets_differ_only_where_the_arms_do() -> None:
     assert st.self_training.enabled and not st.blda.enabled
     assert bl.self_training.enabled and bl.blda.enabled
     assert so.optim == st.optim == bl.optim and so.data == st.data == bl.data
-    assert bl.blda.t == 0.3 and bl.blda.eps == 0.01 and bl.blda.components == 5
+    assert bl.blda.t == 0.1 and bl.blda.eps == 0.01 and bl.blda.components == 5
     assert set(ARMS) == {"source-only", "self-training", "blda"}
 
 
