@@ -266,10 +266,14 @@ def run_export(
         source = load_split(data, "source", "train", limit, data_cfg)
         target = load_split(data, "target", "train", limit, data_cfg)
         tables, report = fit_serving_tables(predictor_for(loaded), source, target, replace(refit, seed=seed))
+        kept = (
+            ""
+            if refit.keep_fraction >= 1
+            else f", the most confident {refit.keep_fraction:.0%} of each class"
+        )
         tables_from = (
             f"refitted on {data}: eval-mode logits of source train (labels) and target train (argmax "
-            f"pseudo-labels, the most confident {refit.keep_fraction:.0%} of each class); rows kept from source: "
-            f"{[int(c) for c in np.flatnonzero(report.fallback_rows)]}"
+            f"pseudo-labels{kept}); rows kept from source: {[int(c) for c in np.flatnonzero(report.fallback_rows)]}"
         )
     if data is not None and tables is not None and len(open_split(data, "target", "tuning", data_cfg)) > 0:
         tuning = load_split(data, "target", "tuning", 0, data_cfg)
