@@ -72,6 +72,11 @@ def prepare_state(workers: int, environ: dict[str, str] | os._Environ[str]) -> P
     if environ.get(STATE_ENV) or workers <= 1:
         return None
     path = Path(tempfile.mkdtemp(prefix="blda-state-"))
+    from service.state import SqliteStore
+
+    # Created (table, WAL mode) here, once, before the workers start: N workers creating it together race
+    # for the exclusive lock of the WAL switch.
+    SqliteStore(path / "state.db")
     environ[STATE_ENV] = f"sqlite:///{path / 'state.db'}"
     return path
 

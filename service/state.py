@@ -124,6 +124,20 @@ class MemoryStore:
         pass
 
 
+def _with_busy_retry(step: Callable[[], object], attempts: int = 100, pause_s: float = 0.05) -> None:
+    """Run `step`, retrying while SQLite says the database is locked (bounded: ~5 s). Switching a new file
+    to WAL takes an exclusive lock that SQLite's busy timeout does not wait for, so workers starting
+    together could fail their start-up with "database is locked"."""
+    for attempt in range(attempts):
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(pause_s)
+
+
 class SqliteStore:
     """Every process on one host, through one SQLite file (WAL: readers do not block the writer)."""
 
@@ -131,10 +145,12 @@ class SqliteStore:
         self.path = path
         self._clock = clock
         self._local = threading.local()
-        with self._connection() as db:
-            db.execute(
+        db = self._connection()
+        _with_busy_retry(
+            lambda: db.execute(
                 "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB, num INTEGER, expires REAL)"
             )
+        )
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -142,7 +158,7 @@ class SqliteStore:
             try:
                 # One connection per thread; autocommit, with explicit transactions where atomicity matters.
                 db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=True)
-                db.execute("PRAGMA journal_mode=WAL")
+                _with_busy_retry(lambda: db.execute("PRAGMA journal_mode=WAL"))
                 db.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.Error as exc:
                 raise StateError(
