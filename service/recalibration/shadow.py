@@ -1,0 +1,283 @@
+"""The candidate version in shadow: decided on the same logits as the active version, never served.
+
+The candidate of a recalibration is the same ``model.onnx`` with other tables, so its decision needs no
+second forward pass: for a sampled ``shadow_fraction`` of calibrated requests, the calibrated rule runs
+again on the request's logits with the shadow version's tables (a version whose model file differs is
+not shadowed: its logits would differ). Per request, for both roles (``active``, ``shadow``): pixels per
+class, the PIT of each role's winning logit under its own positive pair (u = F_ll(z_l), uniform when the
+tables describe the traffic), and the pixels where the two decisions differ. Pixels are counted at the
+input resolution, as service.telemetry does (each decision pixel weighted by the image pixels it becomes).
+
+Prometheus (sums across workers and replicas; ratios in deploy/prometheus/rules):
+``blda_shadow_pixels_total{model, version, role, class}``,
+``blda_shadow_quantile{model, version, role, class}`` (histogram, buckets 0.1 .. 1.0),
+``blda_shadow_flipped_pixels_total{model, version, shadow_version}`` and
+``blda_shadow_compared_pixels_total{model, version, shadow_version}`` (``version`` = the active one).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from calibration.bundle import MODEL_FILE
+from calibration.segmentation import decide
+from calibration.tables import CalibrationTables, positive_quantile
+from service.inference import ServedModel
+from service.recalibration.choice import ServingChoice, choice_path, read_choice
+from service.recalibration.settings import RecalibrationSettings
+from service.records import SegmentationRecord
+from service.registry import ModelRegistry, RegistryError
+from service.telemetry import (
+    QUANTILE_BUCKETS,
+    add_histogram_counts,
+    bucket_counts,
+    class_pixels,
+    pixel_weights,
+)
+
+ROLES = ("active", "shadow")
+
+
+@dataclass(frozen=True)
+class RoleStats:
+    pixels: np.ndarray  # (C,) int64 input pixels per decided class
+    quantile_counts: np.ndarray  # (C, B + 1) weighted PIT bucket counts, non-cumulative
+    quantile_sums: np.ndarray  # (C,) weighted sums of u
+
+
+@dataclass(frozen=True)
+class ShadowStats:
+    active: RoleStats
+    shadow: RoleStats
+    flipped: int  # input pixels whose class differs between the two decisions
+    compared: int  # input pixels compared
+
+
+def role_stats(
+    decision: np.ndarray,  # (h, w) uint8 classes
+    winning: np.ndarray,  # (h, w) float32 logit of each pixel's class
+    tables: CalibrationTables,
+    weights: np.ndarray,  # (h, w) input pixels per decision pixel
+) -> RoleStats:
+    c = tables.num_classes
+    u = positive_quantile(winning.ravel(), decision.ravel(), tables)  # (h*w,)
+    counts, sums = bucket_counts(u, decision.ravel(), weights.ravel().astype(np.float64), QUANTILE_BUCKETS, c)
+    return RoleStats(class_pixels(decision, weights, c), counts, sums)
+
+
+def shadow_stats(
+    active: tuple[np.ndarray, np.ndarray, CalibrationTables],  # decision (h, w), winning logits, tables
+    shadow: tuple[np.ndarray, np.ndarray, CalibrationTables],
+    input_size: tuple[int, int],
+) -> ShadowStats:
+    weights = pixel_weights(active[0].shape, input_size)  # (h, w)
+    flipped = int(weights[active[0] != shadow[0]].sum())
+    return ShadowStats(
+        role_stats(*active, weights), role_stats(*shadow, weights), flipped, int(weights.sum())
+    )
+
+
+def _same_network(a: ServedModel, b: ServedModel) -> bool:
+    return a.bundle.manifest.files.get(MODEL_FILE) == b.bundle.manifest.files.get(MODEL_FILE)
+
+
+class ChoiceCache:
+    """serving.json per model, read again only when the file changed (one stat per call)."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = Path(models_dir)
+        self._seen: dict[str, tuple[float, ServingChoice]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> ServingChoice:
+        try:
+            mtime = choice_path(self.models_dir, name).stat().st_mtime_ns
+        except FileNotFoundError:
+            return ServingChoice()
+        with self._lock:
+            seen = self._seen.get(name)
+            if seen is not None and seen[0] == mtime:
+                return seen[1]
+        choice = read_choice(self.models_dir, name)
+        with self._lock:
+            self._seen[name] = (mtime, choice)
+        return choice
+
+
+@dataclass
+class _Totals:
+    """This process's running sums for ``GET /v1/models/{name}/bias``."""
+
+    pixels: dict[str, np.ndarray]  # role -> (C,)
+    quantile_sums: dict[str, np.ndarray]  # role -> (C,)
+    flipped: int = 0
+    compared: int = 0
+    requests: int = 0
+
+
+class ShadowMonitor:
+    """Decides shadowed requests with the shadow version's tables and exports both roles' figures."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        models_dir: Path,
+        settings: RecalibrationSettings,
+        metrics_registry: CollectorRegistry,
+        random: Callable[[], float] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.choices = ChoiceCache(models_dir)
+        self.settings = settings
+        rng = np.random.default_rng()
+        self._random = random if random is not None else rng.random
+        labels = ["model", "version", "role", "class"]
+        self.pixels = Counter(
+            "blda_shadow_pixels",
+            "Input pixels per decided class of shadowed requests, by role",
+            labels,
+            registry=metrics_registry,
+        )
+        self.quantile = Histogram(
+            "blda_shadow_quantile",
+            "PIT u = F_ll(z_l) of the winning logit under each role's own tables (shadowed requests)",
+            labels,
+            buckets=QUANTILE_BUCKETS,
+            registry=metrics_registry,
+        )
+        pair = ["model", "version", "shadow_version"]
+        self.flipped = Counter(
+            "blda_shadow_flipped_pixels",
+            "Input pixels whose class differs between active and shadow",
+            pair,
+            registry=metrics_registry,
+        )
+        self.compared = Counter(
+            "blda_shadow_compared_pixels",
+            "Input pixels of shadowed requests",
+            pair,
+            registry=metrics_registry,
+        )
+        self.totals: dict[tuple[str, str, str], _Totals] = {}  # (model, active, shadow)
+        self._lock = threading.Lock()
+
+    def _shadow_model(self, record: SegmentationRecord) -> ServedModel | None:
+        shadow = self.choices.get(record.model_name).shadow
+        if shadow is None or shadow == record.model_version:
+            return None
+        try:
+            versions = self.registry.get(record.model_name).versions
+        except RegistryError:
+            return None
+        active_state, shadow_state = versions.get(record.model_version), versions.get(shadow)
+        if active_state is None or shadow_state is None or active_state.model is None:
+            return None
+        candidate = shadow_state.model
+        if (
+            candidate is None
+            or candidate.bundle.tables is None
+            or not _same_network(active_state.model, candidate)
+        ):
+            return None
+        return candidate
+
+    def observe(self, record: SegmentationRecord) -> None:
+        """A segmentation observer (on the worker pool, after the response)."""
+        if not record.calibrate or record.calibrated_decision is None or record.tables is None:
+            return
+        if record.calibrated_logits is None:
+            return
+        candidate = self._shadow_model(record)
+        if candidate is None or self._random() >= self.settings.shadow_fraction:
+            return
+        assert candidate.bundle.tables is not None
+        size = (int(record.calibrated_decision.shape[0]), int(record.calibrated_decision.shape[1]))
+        made = decide(np.asarray(record.logits), size, candidate.bundle.tables.shifts, (record.tau,))
+        stats = shadow_stats(
+            (record.calibrated_decision, record.calibrated_logits, record.tables),
+            (made.calibrated[0], made.calibrated_logit[0], candidate.bundle.tables),
+            record.input_size,
+        )
+        self._export(record.model_name, record.model_version, candidate.version, stats, record.tables)
+
+    def _export(
+        self, name: str, active: str, shadow: str, stats: ShadowStats, tables: CalibrationTables
+    ) -> None:
+        classes = self._class_names(name, active, tables.num_classes)
+        for role, version, figures in (("active", active, stats.active), ("shadow", shadow, stats.shadow)):
+            for c, class_name in enumerate(classes):
+                if figures.pixels[c]:
+                    self.pixels.labels(name, version, role, class_name).inc(float(figures.pixels[c]))
+                if figures.quantile_counts[c].any():
+                    child = self.quantile.labels(name, version, role, class_name)
+                    add_histogram_counts(child, figures.quantile_counts[c], float(figures.quantile_sums[c]))
+        self.flipped.labels(name, active, shadow).inc(stats.flipped)
+        self.compared.labels(name, active, shadow).inc(stats.compared)
+        with self._lock:
+            key = (name, active, shadow)
+            totals = self.totals.get(key)
+            if totals is None:
+                zeros = np.zeros(tables.num_classes)
+                totals = _Totals({r: zeros.copy() for r in ROLES}, {r: zeros.copy() for r in ROLES})
+                self.totals[key] = totals
+            for role, figures in (("active", stats.active), ("shadow", stats.shadow)):
+                totals.pixels[role] += figures.pixels
+                totals.quantile_sums[role] += figures.quantile_sums
+            totals.flipped += stats.flipped
+            totals.compared += stats.compared
+            totals.requests += 1
+
+    def _class_names(self, name: str, version: str, num_classes: int) -> Sequence[str]:
+        try:
+            state = self.registry.get(name).versions.get(version)
+        except RegistryError:
+            state = None
+        if state is not None and state.model is not None:
+            return list(state.model.bundle.manifest.class_names)
+        return [str(c) for c in range(num_classes)]
+
+    def report(self, name: str) -> list[dict[str, Any]]:
+        """This process's shadow figures for ``name``: per (active, shadow) pair, per role, the class
+        shares, the mean PIT u per class and its mean |u - 1/2| (the PIT deviation), and the flip rate."""
+        out = []
+        with self._lock:
+            items = [(k, v) for k, v in sorted(self.totals.items()) if k[0] == name]
+            for (_, active, shadow), totals in items:
+                classes = self._class_names(name, active, len(totals.pixels["active"]))
+                roles: dict[str, Any] = {}
+                for role in ROLES:
+                    pixels = totals.pixels[role]
+                    total = pixels.sum()
+                    present = pixels > 0
+                    mean_u = np.where(present, totals.quantile_sums[role] / np.maximum(pixels, 1), np.nan)
+                    roles[role] = {
+                        "version": active if role == "active" else shadow,
+                        "share": {
+                            n: float(p / total) if total else 0.0
+                            for n, p in zip(classes, pixels, strict=True)
+                        },
+                        "mean_u": {
+                            n: None if np.isnan(m) else round(float(m), 4)
+                            for n, m in zip(classes, mean_u, strict=True)
+                        },
+                        "pit_deviation": float(np.mean(np.abs(mean_u[present] - 0.5)))
+                        if present.any()
+                        else None,
+                    }
+                out.append(
+                    {
+                        "active": active,
+                        "shadow": shadow,
+                        "requests": totals.requests,
+                        "flip_rate": totals.flipped / totals.compared if totals.compared else None,
+                        "roles": roles,
+                    }
+                )
+        return out
