@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +156,8 @@ def refit_from_traffic(
     held_out_fraction: float = 0.2,
 ) -> tuple[CalibrationTables, TrafficRefit]:
     """Target tables refitted on traffic by the core refit (source pairs, anchors and thin rows from
-    ``current``), and the PIT check before and after on a held-out share of the pixels.
+    ``current``), and the PIT check before and after on a held-out share of the pixels. The mixture size,
+    knot count and eps are the current tables' (their rows are mixed with the refitted ones).
 
     Traffic has no labels, so the PIT check uses the argmax as the class: it says how well each table
     describes the logits the model now produces, not whether the decisions are right."""
@@ -165,6 +166,12 @@ def refit_from_traffic(
     c = current.num_classes
     if pixels.ndim != 2 or pixels.shape[0] != c:
         raise ValueError(f"expected traffic pixels ({c}, P), got shape {pixels.shape}")
+    config = replace(
+        config,
+        components=int(current.target.weights.shape[-1]),
+        num_knots=current.shifts.num_knots,
+        eps=current.eps,
+    )
     rng = np.random.default_rng(config.seed)
     held = np.asarray(rng.random(pixels.shape[1]) < held_out_fraction)  # (P,) bool
     fit, check = pixels[:, ~held], pixels[:, held]
