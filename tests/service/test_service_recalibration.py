@@ -53,7 +53,8 @@ def test_traffic_is_bounded_by_the_ring_shared_by_workers_and_kept_apart_per_net
     registry = _registry(own_models_dir)
     store = MemoryStore()
     settings = RecalibrationSettings(pixels_per_request=50, chunk_pixels=50, ring_slots=3)
-    workers = [TrafficAccumulator(store, registry, settings, seed=k) for k in range(2)]
+    now = [0.0]
+    workers = [TrafficAccumulator(store, registry, settings, clock=lambda: now[0], seed=k) for k in range(2)]
     network = {
         v: registry.get("tiny").versions[v].model.bundle.manifest.files["model.onnx"][:16] for v in "12"
     }  # type: ignore[union-attr]
@@ -62,8 +63,10 @@ def test_traffic_is_bounded_by_the_ring_shared_by_workers_and_kept_apart_per_net
     got = workers[0].read("tiny", network["2"], 19)
     assert (got.num_pixels, got.requests) == (100, 2)  # both workers' chunks
     for seed in range(2, 7):
+        now[0] = float(seed)
         workers[seed % 2].observe(_record("2", seed))
-    assert workers[1].read("tiny", network["2"], 19).num_pixels == 150  # the 3 newest chunks only
+    newest = workers[1].read("tiny", network["2"], 19)
+    assert (newest.num_pixels, newest.first_s, newest.last_s) == (150, 4.0, 6.0)  # the 3 newest chunks only
     # tiny/1 is another network (other weights): its traffic is its own.
     assert workers[0].read("tiny", network["1"], 19).num_pixels == 0
     workers[0].observe(_record("1", 9))
@@ -218,13 +221,15 @@ def test_recalibrate_shadow_activate_rollback_and_restart(
         back = client.post("/v1/models/tiny/rollback", headers=ADMIN)
         assert back.status_code == 200 and back.json()["active_version"] == "2"
         assert client.post("/v1/models/tiny/rollback", headers=ADMIN).json()["active_version"] == "3"
+        assert client.post("/v1/models/tiny/rollback", headers=ADMIN).json()["active_version"] == "2"
     assert json.loads((own_models_dir / "tiny" / SERVING_FILE).read_text()) == {
-        "active": "3",
-        "previous": "2",
+        "active": "2",
+        "previous": "3",
         "shadow": None,
     }
-    with TestClient(create_app(settings)) as client:  # a restart with the in-process state: the file holds
-        assert client.get("/v1/models/tiny").json()["active_version"] == "3"
+    # A restart with the in-process state (the pins are gone): the file holds, though 3 is the highest.
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/models/tiny").json()["active_version"] == "2"
 
 
 def test_rollback_without_an_activation_is_a_409(own_models_dir: Path) -> None:
