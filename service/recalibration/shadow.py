@@ -115,6 +115,7 @@ class ChoiceCache:
 class _Totals:
     """This process's running sums for ``GET /v1/models/{name}/bias``."""
 
+    classes: list[str]
     pixels: dict[str, np.ndarray]  # role -> (C,)
     quantile_sums: dict[str, np.ndarray]  # role -> (C,)
     flipped: int = 0
@@ -168,7 +169,8 @@ class ShadowMonitor:
         self.totals: dict[tuple[str, str, str], _Totals] = {}  # (model, active, shadow)
         self._lock = threading.Lock()
 
-    def _shadow_model(self, record: SegmentationRecord) -> ServedModel | None:
+    def _models(self, record: SegmentationRecord) -> tuple[ServedModel, ServedModel] | None:
+        """(active, shadow) when the record's model has a loaded shadow of the same network."""
         shadow = self.choices.get(record.model_name).shadow
         if shadow is None or shadow == record.model_version:
             return None
@@ -186,7 +188,7 @@ class ShadowMonitor:
             or not _same_network(active_state.model, candidate)
         ):
             return None
-        return candidate
+        return active_state.model, candidate
 
     def observe(self, record: SegmentationRecord) -> None:
         """A segmentation observer (on the worker pool, after the response)."""
@@ -194,9 +196,10 @@ class ShadowMonitor:
             return
         if record.calibrated_logits is None:
             return
-        candidate = self._shadow_model(record)
-        if candidate is None or self._random() >= self.settings.shadow_fraction:
+        models = self._models(record)
+        if models is None or self._random() >= self.settings.shadow_fraction:
             return
+        active, candidate = models
         assert candidate.bundle.tables is not None
         size = (int(record.calibrated_decision.shape[0]), int(record.calibrated_decision.shape[1]))
         made = decide(np.asarray(record.logits), size, candidate.bundle.tables.shifts, (record.tau,))
@@ -205,12 +208,16 @@ class ShadowMonitor:
             (made.calibrated[0], made.calibrated_logit[0], candidate.bundle.tables),
             record.input_size,
         )
-        self._export(record.model_name, record.model_version, candidate.version, stats, record.tables)
+        self.export(
+            record.model_name,
+            record.model_version,
+            candidate.version,
+            stats,
+            active.bundle.manifest.class_names,
+        )
 
-    def _export(
-        self, name: str, active: str, shadow: str, stats: ShadowStats, tables: CalibrationTables
-    ) -> None:
-        classes = self._class_names(name, active, tables.num_classes)
+    def export(self, name: str, active: str, shadow: str, stats: ShadowStats, classes: Sequence[str]) -> None:
+        """Add one shadowed request's figures to the metrics and this process's totals."""
         for role, version, figures in (("active", active, stats.active), ("shadow", shadow, stats.shadow)):
             for c, class_name in enumerate(classes):
                 if figures.pixels[c]:
@@ -224,8 +231,10 @@ class ShadowMonitor:
             key = (name, active, shadow)
             totals = self.totals.get(key)
             if totals is None:
-                zeros = np.zeros(tables.num_classes)
-                totals = _Totals({r: zeros.copy() for r in ROLES}, {r: zeros.copy() for r in ROLES})
+                zeros = np.zeros(len(classes))
+                totals = _Totals(
+                    list(classes), {r: zeros.copy() for r in ROLES}, {r: zeros.copy() for r in ROLES}
+                )
                 self.totals[key] = totals
             for role, figures in (("active", stats.active), ("shadow", stats.shadow)):
                 totals.pixels[role] += figures.pixels
@@ -234,15 +243,6 @@ class ShadowMonitor:
             totals.compared += stats.compared
             totals.requests += 1
 
-    def _class_names(self, name: str, version: str, num_classes: int) -> Sequence[str]:
-        try:
-            state = self.registry.get(name).versions.get(version)
-        except RegistryError:
-            state = None
-        if state is not None and state.model is not None:
-            return list(state.model.bundle.manifest.class_names)
-        return [str(c) for c in range(num_classes)]
-
     def report(self, name: str) -> list[dict[str, Any]]:
         """This process's shadow figures for ``name``: per (active, shadow) pair, per role, the class
         shares, the mean PIT u per class and its mean |u - 1/2| (the PIT deviation), and the flip rate."""
@@ -250,7 +250,7 @@ class ShadowMonitor:
         with self._lock:
             items = [(k, v) for k, v in sorted(self.totals.items()) if k[0] == name]
             for (_, active, shadow), totals in items:
-                classes = self._class_names(name, active, len(totals.pixels["active"]))
+                classes = totals.classes
                 roles: dict[str, Any] = {}
                 for role in ROLES:
                     pixels = totals.pixels[role]

@@ -69,7 +69,11 @@ def test_sample_round_trips_through_bytes_and_merges() -> None:
     np.testing.assert_array_equal(back.pixels, a.pixels)
     assert (back.first_s, back.last_s, back.requests) == (10.0, 20.0, 2)
     merged = merge_samples([a, b], 3)
-    assert merged.pixels.shape == (3, 6) and (merged.first_s, merged.last_s, merged.requests) == (5.0, 20.0, 3)
+    assert merged.pixels.shape == (3, 6) and (merged.first_s, merged.last_s, merged.requests) == (
+        5.0,
+        20.0,
+        3,
+    )
     with pytest.raises(ValueError, match="expected traffic pixels of 4 classes"):
         merge_samples([a], 4)
     with pytest.raises(ValueError, match="expected an npz"):
