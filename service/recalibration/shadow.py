@@ -13,10 +13,17 @@ Prometheus (sums across workers and replicas; ratios in deploy/prometheus/rules)
 ``blda_shadow_quantile{model, version, role, class}`` (histogram, buckets 0.1 .. 1.0),
 ``blda_shadow_flipped_pixels_total{model, version, shadow_version}`` and
 ``blda_shadow_compared_pixels_total{model, version, shadow_version}`` (``version`` = the active one).
+
+Feedback: the shadow decision of a shadowed request is kept in the shared state (as the served one is,
+for the feedback TTL); a ground truth for that request then scores both roles:
+``blda_shadow_feedback_{correct,predicted,true}_pixels_total{model, version, role, class}``, whose
+per-class IoU is correct / (predicted + true - correct).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,14 +33,18 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from calibration.bias import confusion_matrix, iou_from_confusion
 from calibration.bundle import MODEL_FILE
-from calibration.segmentation import decide
+from calibration.labels import IGNORE_INDEX
+from calibration.segmentation import decide, resize_nearest
 from calibration.tables import CalibrationTables, positive_quantile
+from service.feedback import FeedbackSettings, ServedPrediction, compress_mask, decompress_mask
 from service.inference import ServedModel
 from service.recalibration.choice import ServingChoice, choice_path, read_choice
 from service.recalibration.settings import RecalibrationSettings
 from service.records import SegmentationRecord
 from service.registry import ModelRegistry, RegistryError
+from service.state import StateError, StateStore
 from service.telemetry import (
     QUANTILE_BUCKETS,
     add_histogram_counts,
@@ -84,6 +95,18 @@ def shadow_stats(
     )
 
 
+def feedback_counts(
+    decision: np.ndarray,  # (h, w) uint8
+    truth: np.ndarray,  # (H, W) uint8 class ids, IGNORE_INDEX skipped
+    num_classes: int,
+) -> np.ndarray:
+    """(C, C) int64 confusion [true, predicted] of the decision resized to the truth as served."""
+    return confusion_matrix(resize_nearest(decision, *truth.shape), truth, num_classes, IGNORE_INDEX)
+
+
+_SHADOW_DECISION = "shadow/decision/"
+
+
 def _same_network(a: ServedModel, b: ServedModel) -> bool:
     return a.bundle.manifest.files.get(MODEL_FILE) == b.bundle.manifest.files.get(MODEL_FILE)
 
@@ -121,6 +144,8 @@ class _Totals:
     flipped: int = 0
     compared: int = 0
     requests: int = 0
+    feedback: dict[str, np.ndarray] | None = None  # role -> (C, C) confusion of feedback images
+    feedback_images: int = 0
 
 
 class ShadowMonitor:
@@ -133,8 +158,11 @@ class ShadowMonitor:
         settings: RecalibrationSettings,
         metrics_registry: CollectorRegistry,
         random: Callable[[], float] | None = None,
+        store: StateStore | None = None,
     ) -> None:
         self.registry = registry
+        self.store = store  # where shadow decisions wait for feedback (None: feedback not scored)
+        self.feedback_ttl_s = FeedbackSettings().ttl_s
         self.choices = ChoiceCache(models_dir)
         self.settings = settings
         rng = np.random.default_rng()
@@ -166,6 +194,12 @@ class ShadowMonitor:
             pair,
             registry=metrics_registry,
         )
+        self.feedback_correct, self.feedback_predicted, self.feedback_true = (
+            Counter(f"blda_shadow_feedback_{kind}_pixels", f"Feedback pixels of shadowed requests: {what}, by role",
+                    labels, registry=metrics_registry)
+            for kind, what in (("correct", "correctly decided"), ("predicted", "decided as the class"),
+                               ("true", "of the true class"))
+        )  # fmt: skip
         self.totals: dict[tuple[str, str, str], _Totals] = {}  # (model, active, shadow)
         self._lock = threading.Lock()
 
@@ -215,6 +249,55 @@ class ShadowMonitor:
             stats,
             active.bundle.manifest.class_names,
         )
+        self._keep_for_feedback(record.request_id, candidate.version, made.calibrated[0])
+
+    def _keep_for_feedback(self, request_id: str, version: str, decision: np.ndarray) -> None:
+        if self.store is None:
+            return
+        head = json.dumps({"version": version, "shape": list(decision.shape)}).encode()
+        with contextlib.suppress(StateError):  # feedback scoring is secondary: serving goes on
+            self.store.put(
+                _SHADOW_DECISION + request_id, head + b"\0" + compress_mask(decision), self.feedback_ttl_s
+            )
+
+    def observe_feedback(self, prediction: ServedPrediction, truth: np.ndarray) -> None:
+        """A ground truth for a served request: score both roles when the request was shadowed."""
+        if self.store is None or prediction.calibrated is None:
+            return
+        try:
+            data = self.store.take(_SHADOW_DECISION + prediction.request_id)
+        except StateError:
+            return
+        if data is None:
+            return
+        head_bytes, _, body = data.partition(b"\0")
+        head = json.loads(head_bytes)
+        shadow = decompress_mask(body, (int(head["shape"][0]), int(head["shape"][1])))
+        _, active = prediction.decisions()
+        assert active is not None
+        c = prediction.num_classes
+        confusion = {"active": feedback_counts(active, truth, c), "shadow": feedback_counts(shadow, truth, c)}
+        name = prediction.model_name
+        versions = {"active": prediction.model_version, "shadow": str(head["version"])}
+        with self._lock:
+            totals = self.totals.get((name, versions["active"], versions["shadow"]))
+        classes = totals.classes if totals is not None else [str(k) for k in range(c)]
+        for role in ROLES:
+            conf = confusion[role]
+            counts = ((self.feedback_correct, np.diag(conf)), (self.feedback_predicted, conf.sum(0)),
+                      (self.feedback_true, conf.sum(1)))  # fmt: skip
+            for k, class_name in enumerate(classes):
+                for counter, values in counts:
+                    if values[k]:
+                        counter.labels(name, versions[role], role, class_name).inc(float(values[k]))
+        if totals is None:
+            return
+        with self._lock:
+            if totals.feedback is None:
+                totals.feedback = {role: np.zeros((c, c), np.int64) for role in ROLES}
+            for role in ROLES:
+                totals.feedback[role] += confusion[role]
+            totals.feedback_images += 1
 
     def export(self, name: str, active: str, shadow: str, stats: ShadowStats, classes: Sequence[str]) -> None:
         """Add one shadowed request's figures to the metrics and this process's totals."""
@@ -271,11 +354,21 @@ class ShadowMonitor:
                         if present.any()
                         else None,
                     }
+                    if totals.feedback is not None:
+                        iou = iou_from_confusion(totals.feedback[role])
+                        roles[role]["feedback_iou"] = {
+                            n: None if np.isnan(v) else round(float(v), 4)
+                            for n, v in zip(classes, iou, strict=True)
+                        }
+                        roles[role]["feedback_miou"] = (
+                            float(np.nanmean(iou)) if np.isfinite(iou).any() else None
+                        )
                 out.append(
                     {
                         "active": active,
                         "shadow": shadow,
                         "requests": totals.requests,
+                        "feedback_images": totals.feedback_images,
                         "flip_rate": totals.flipped / totals.compared if totals.compared else None,
                         "roles": roles,
                     }

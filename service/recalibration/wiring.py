@@ -48,7 +48,7 @@ def start_recalibration(app: Any, registry: ModelRegistry, store: StateStore) ->
     settings = RecalibrationSettings()
     apply_persisted_choices(registry)
     accumulator = TrafficAccumulator(store, registry, settings)
-    shadow = ShadowMonitor(registry, registry.models_dir, settings, app.state.telemetry.registry)
+    shadow = ShadowMonitor(registry, registry.models_dir, settings, app.state.telemetry.registry, store=store)
     flusher = PeriodicFlush(accumulator, settings.flush_s)
     flusher.start()
     app.state.segmentation_observers.extend([accumulator.observe, shadow.observe])

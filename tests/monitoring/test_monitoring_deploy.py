@@ -58,6 +58,8 @@ def exported_names() -> set[str]:
     shadow.export(
         "m", "1", "2", shadow_stats((mask, logit, tables), (mask, logit, tables), (2, 2)), CLASS_NAMES
     )
+    for counter in (shadow.feedback_correct, shadow.feedback_predicted, shadow.feedback_true):
+        counter.labels("m", "1", "active", CLASS_NAMES[0]).inc()
     workers = WorkerMetrics(telemetry.registry)
     workers.sample()
     workers.version_status.labels("m", "1", "ready").set(1)

@@ -152,12 +152,15 @@ def _traffic(client: TestClient) -> int:
     return decode_sample(client.get("/v1/models/tiny/traffic", headers=ADMIN).content).num_pixels
 
 
-def _send(client: TestClient, count: int, **params: object) -> None:
+def _send(client: TestClient, count: int, **params: object) -> list[Any]:
+    answers = []
     for seed in range(count):
         answer = client.post(
             "/v1/models/tiny/segment", content=png_bytes(scene(64, 96, seed)), headers=PNG, params=params
         )
         assert answer.status_code == 200, answer.text
+        answers.append(answer)
+    return answers
 
 
 def test_recalibrate_shadow_activate_rollback_and_restart(
@@ -197,7 +200,7 @@ def test_recalibrate_shadow_activate_rollback_and_restart(
         np.testing.assert_array_equal(candidate.tables.target.means[rows], base_tables.target.means[rows])
         np.testing.assert_array_equal(candidate.tables.source.means, base_tables.source.means)
 
-        _send(client, 2)  # served by 2, decided in shadow by 3
+        shadowed_answers = _send(client, 2)  # served by 2, decided in shadow by 3
 
         def shadowed() -> list[dict[str, Any]]:
             return list(client.get("/v1/models/tiny/bias").json()["shadow"])
@@ -212,6 +215,20 @@ def test_recalibrate_shadow_activate_rollback_and_restart(
             in metrics
         )
         assert 'role="shadow"' in metrics and 'role="active"' in metrics
+
+        # Feedback whose truth is the served (active) mask: the active role scores IoU 1 on every class it
+        # decided, the shadow role less where the two differ.
+        served_png = shadowed_answers[-1]
+        files = {"mask": ("mask.png", served_png.content, "image/png")}
+        feedback = client.post(
+            "/v1/feedback", data={"request_id": served_png.headers["x-request-id"]}, files=files
+        )
+        assert feedback.status_code == 200, feedback.text
+        roles = shadowed()[0]["roles"]
+        assert shadowed()[0]["feedback_images"] == 1
+        assert roles["active"]["feedback_miou"] == 1.0
+        assert roles["shadow"]["feedback_miou"] < 1.0
+        assert "blda_shadow_feedback_correct_pixels_total" in client.get("/metrics").text
 
         assert (
             client.post("/v1/models/tiny/versions/3/activate", headers=ADMIN).json()["active_version"] == "3"
