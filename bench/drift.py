@@ -1,6 +1,6 @@
 """Drift scenario of live recalibration (issue 12): stale tables vs refitted from traffic vs offline.
 
-    flock /tmp/blda-cpu.lock python -m bench drift [--variant strong|labels]   # ~8 min on 2 shared cores
+    flock /tmp/blda-cpu.lock python -m bench drift [--variant=strong|--variant=labels]   # ~8 min, 2 cores
 
 1. A shifted variant of the synthetic benchmark (another seed, stronger appearance and label shift;
    300 target-train + 100 target-val images at 256x512; VARIANTS) is generated under runs/drift/ once.
