@@ -8,12 +8,15 @@ file does, and every worker applies it when it starts. Written atomically (a tem
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 SERVING_FILE = "serving.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,15 @@ def read_choice(models_dir: Path, name: str) -> ServingChoice:
     if bad:
         raise ValueError(f"{name}/{SERVING_FILE}: expected versions as strings or null, got {bad}")
     return ServingChoice(**fields)
+
+
+def read_choice_or_fresh(models_dir: Path, name: str) -> ServingChoice:
+    """The choice on disk, or a fresh one when the file is unreadable (logged; the next write replaces it)."""
+    try:
+        return read_choice(models_dir, name)
+    except ValueError as exc:
+        log.warning("%s; it will be rewritten", exc)
+        return ServingChoice()
 
 
 def write_choice(models_dir: Path, name: str, choice: ServingChoice) -> None:

@@ -3,8 +3,9 @@ shared state and the telemetry; the persisted serving choice applied before the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.recalibration.accumulator import PeriodicFlush, TrafficAccumulator
@@ -23,6 +24,7 @@ class Recalibration:
     accumulator: TrafficAccumulator
     shadow: ShadowMonitor
     flusher: PeriodicFlush
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one recalibration at a time per process
 
 
 def apply_persisted_choices(registry: ModelRegistry) -> None:

@@ -21,7 +21,7 @@ from service.dependencies import RegistryDep, RunnerDep, SettingsDep, problem_fr
 from service.inference import InferenceRunner
 from service.names import ModelNameParam, VersionParam
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
-from service.recalibration.choice import ServingChoice, read_choice, write_choice
+from service.recalibration.choice import read_choice_or_fresh, write_choice
 from service.registry import ModelRegistry, RegistryError
 from service.routes.models import ModelSummary, summarise
 from service.settings import ServiceSettings
@@ -150,12 +150,9 @@ async def activate_everywhere(
         replaced = registry.get(name).active
         # The registry's lock may be held by a reload: wait for it off the event loop.
         await asyncio.get_running_loop().run_in_executor(runner.cpu_pool, registry.activate, name, version)
-        choice = read_choice(registry.models_dir, name)
     except RegistryError as exc:
         raise problem_from(exc) from exc
-    except ValueError as exc:  # an unreadable serving.json: rewritten below
-        log.warning("%s; writing a fresh one", exc)
-        choice = ServingChoice()
+    choice = read_choice_or_fresh(registry.models_dir, name)
     write_choice(registry.models_dir, name, choice.activated(version, replaced))
 
     def pin(desired: dict[str, Any]) -> None:

@@ -6,7 +6,6 @@ sample as an npz file, for `blda bundle recalibrate` offline). Activation itself
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
 from typing import Annotated, Any
 
@@ -15,14 +14,14 @@ from pydantic import Field
 
 from calibration.bundle import MODEL_FILE
 from calibration.refit import RefitConfig
-from calibration.traffic import TrafficRefit, TrafficSample, encode_sample, refit_from_traffic
+from calibration.traffic import TrafficSample, encode_sample, refit_from_traffic
 from service.dependencies import RegistryDep, RunnerDep, SettingsDep, problem_from
 from service.inference import ServedModel
 from service.names import NAME_PATTERN, ModelNameParam
 from service.problems import Problem
 from service.recalibration.accumulator import network_id
 from service.recalibration.candidate import recalibration_provenance, write_candidate
-from service.recalibration.choice import read_choice, write_choice
+from service.recalibration.choice import read_choice_or_fresh, write_choice
 from service.recalibration.wiring import Recalibration
 from service.registry import ModelRegistry, RegistryError, VersionNotFound, VersionNotLoadable
 from service.routes.admin import _PROBLEM, AdminResult, activate_everywhere, synced
@@ -30,9 +29,6 @@ from service.routes.admin import router as admin_router
 from service.routes.models import summarise
 
 router = APIRouter(tags=["admin"], dependencies=admin_router.dependencies, responses=admin_router.responses)
-
-# One recalibration at a time per process: two would pick the same next version.
-_LOCK = asyncio.Lock()
 
 BaseVersionQuery = Annotated[
     str | None,
@@ -92,7 +88,9 @@ async def recalibrate(
     runner: RunnerDep,
     settings: SettingsDep,
     version: BaseVersionQuery = None,
-    min_row_pixels: Annotated[int, Query(ge=1, description="fewer pixels of a class: keep its row")] = 500,
+    min_row_pixels: Annotated[
+        int, Query(ge=1, description="fewer pixels of a class: keep its row")
+    ] = RefitConfig.min_row_pixels,
     min_pixels: Annotated[
         int | None, Query(ge=1, description="default BLDA_RECALIBRATION_MIN_PIXELS")
     ] = None,
@@ -107,7 +105,7 @@ async def recalibrate(
         raise Problem("calibration-unavailable", f"{name}/{base.version} has no calibration tables to refit")
     needed = min_pixels if min_pixels is not None else recalibration.settings.min_pixels
     config = RefitConfig(min_row_pixels=min_row_pixels)
-    async with _LOCK:
+    async with recalibration.lock:  # one at a time per process: two would pick the same next version
         sample = await runner.in_thread(_traffic, recalibration, base)
         if sample.num_pixels < needed:
             raise Problem(
@@ -115,7 +113,6 @@ async def recalibrate(
                 f"expected at least {needed} sampled pixels of {name} traffic, got {sample.num_pixels} "
                 f"from {sample.requests} requests: send more traffic or lower min_pixels",
             )
-        refit: TrafficRefit
         tables, refit = await runner.in_thread(refit_from_traffic, sample.pixels, base.bundle.tables, config)
         provenance = recalibration_provenance(base.bundle, sample, refit, config, "live traffic")
         path = await runner.in_thread(write_candidate, registry.models_dir, base.bundle, tables, provenance)
@@ -127,7 +124,7 @@ async def recalibrate(
             await runner.in_thread(registry.reload, name)
         except RegistryError as exc:
             raise problem_from(exc) from exc
-        choice = read_choice(registry.models_dir, name)
+        choice = read_choice_or_fresh(registry.models_dir, name)
         write_choice(registry.models_dir, name, replace(choice, active=active, shadow=candidate))
 
         def reload_and_pin(desired: dict[str, Any]) -> None:
@@ -157,7 +154,7 @@ async def rollback(
         registry.get(name)
     except RegistryError as exc:
         raise problem_from(exc) from exc
-    previous = read_choice(registry.models_dir, name).previous
+    previous = read_choice_or_fresh(registry.models_dir, name).previous
     if previous is None:
         raise Problem("no-previous-version", f"{name}: expected an earlier activation to roll back, got none")
     sync = await activate_everywhere(request, registry, runner, settings, name, previous)
