@@ -269,11 +269,12 @@ def main() -> None:
     raw = next(iter(scores.values()))["raw"]
 
     print(f"\nDrift: {data.name} target val ({next(iter(scores.values()))['images']} images), tau {tau:g}\n")
-    print("| tables | mIoU calibrated | vs raw |")
-    print("| --- | --- | --- |")
-    print(f"| none (raw) | {raw:.4f} | |")
+    print("| tables | mIoU calibrated | vs raw | PIT deviation on val (true classes) |")
+    print("| --- | --- | --- | --- |")
+    print(f"| none (raw) | {raw:.4f} | | |")
     for arm, s in scores.items():
-        print(f"| {arm} | {s['calibrated']:.4f} | {s['calibrated'] - raw:+.4f} |")
+        pit = s["pit"]["mean_abs_deviation"] if s.get("pit") else float("nan")
+        print(f"| {arm} | {s['calibrated']:.4f} | {s['calibrated'] - raw:+.4f} | {pit:.4f} |")
     print(f"\ngap recovered (live - stale) / (offline - stale): {recovered:.3f}")
     failed = sum(n for status, n in {**statuses, **load_statuses}.items() if status != "200")
     print(f"failed requests (traffic + load during admin calls): {failed} of "
