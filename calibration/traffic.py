@@ -61,21 +61,6 @@ def sample_decision_pixels(
     return np.asarray(top + (bottom - top) * rf, dtype=np.float32)
 
 
-def cap_per_class(pixels: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
-    """(C, P) -> (C, P') keeping at most ``cap`` uniformly drawn pixels of each argmax class (order kept).
-
-    Bounds memory without starving rare classes: a class's pixels are dropped only where it has more than
-    ``cap``; the distribution of each class's pixels (what the refit fits) is unchanged."""
-    pred = pixels.argmax(0)  # (P,)
-    keep = np.zeros(pred.shape, dtype=bool)
-    for c in np.unique(pred):
-        members = np.flatnonzero(pred == c)
-        if members.size > cap:
-            members = rng.choice(members, cap, replace=False)
-        keep[members] = True
-    return pixels[:, keep]
-
-
 def encode_sample(sample: TrafficSample) -> bytes:
     """npz bytes (for the shared state or a file)."""
     buffer = io.BytesIO()

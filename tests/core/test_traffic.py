@@ -11,7 +11,6 @@ from calibration.refit import RefitConfig, refit_tables
 from calibration.segmentation import upsample_bilinear
 from calibration.traffic import (
     TrafficSample,
-    cap_per_class,
     decode_sample,
     encode_sample,
     merge_samples,
@@ -46,20 +45,6 @@ def test_sampling_draws_distinct_positions_and_at_most_the_grid() -> None:
     got = sample_decision_pixels(logits, (2, 3), 100, np.random.default_rng(0))  # the grid itself
     assert got.shape == (2, 6)
     np.testing.assert_array_equal(np.sort(got[0]), np.sort(logits[0].ravel()))
-
-
-@given(cap=st.integers(1, 30), seed=st.integers(0, 20))
-def test_cap_per_class_bounds_every_class_and_keeps_the_thin_ones(cap: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    pixels = rng.normal(0, 1, (5, 200)).astype(np.float32)
-    pixels[3, :7] += 10  # class 3: exactly 7 pixels (argmax)
-    before = np.bincount(pixels.argmax(0), minlength=5)
-    kept = cap_per_class(pixels, cap, np.random.default_rng(seed))
-    after = np.bincount(kept.argmax(0), minlength=5)
-    np.testing.assert_array_equal(after, np.minimum(before, cap))
-    # Kept pixels are pixels of the input (no mixing of columns).
-    cols = {tuple(col) for col in pixels.T}
-    assert all(tuple(col) in cols for col in kept.T)
 
 
 def test_sample_round_trips_through_bytes_and_merges() -> None:
