@@ -115,24 +115,39 @@ async def recalibrate(
             )
         tables, refit = await runner.in_thread(refit_from_traffic, sample.pixels, base.bundle.tables, config)
         provenance = recalibration_provenance(base.bundle, sample, refit, config, "live traffic")
+        if active is not None:
+            # Pinned everywhere before the candidate exists: it is the highest version, and a worker that
+            # reloads (or restarts) unpinned would serve it.
+            try:
+                await runner.in_thread(registry.activate, name, active)
+            except RegistryError as exc:
+                raise problem_from(exc) from exc
+            write_choice(
+                registry.models_dir,
+                name,
+                replace(read_choice_or_fresh(registry.models_dir, name), active=active),
+            )
+
+            def pin(desired: dict[str, Any]) -> None:
+                desired["pins"][name] = active
+
+            await synced(request, settings, pin, reloaded=None)
         path = await runner.in_thread(write_candidate, registry.models_dir, base.bundle, tables, provenance)
         candidate = path.name
         try:
-            # Pinned first: the candidate is the highest version and would otherwise take over on reload.
-            if active is not None:
-                await runner.in_thread(registry.activate, name, active)
             await runner.in_thread(registry.reload, name)
         except RegistryError as exc:
             raise problem_from(exc) from exc
-        choice = read_choice_or_fresh(registry.models_dir, name)
-        write_choice(registry.models_dir, name, replace(choice, active=active, shadow=candidate))
+        write_choice(
+            registry.models_dir,
+            name,
+            replace(read_choice_or_fresh(registry.models_dir, name), shadow=candidate),
+        )
 
-        def reload_and_pin(desired: dict[str, Any]) -> None:
+        def count_reload(desired: dict[str, Any]) -> None:
             desired["reloads"][name] = int(desired["reloads"].get(name, 0)) + 1
-            if active is not None:
-                desired["pins"][name] = active
 
-        sync = await synced(request, settings, reload_and_pin, reloaded=name)
+        sync = await synced(request, settings, count_reload, reloaded=name)
     return RecalibrationResult(
         **summarise(registry.get(name), registry.default_name).model_dump(),
         sync=sync,
