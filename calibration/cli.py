@@ -154,6 +154,13 @@ def fit(
             "argmax over classes. Without it the shift tables align the source pairs themselves."
         ),
     ] = None,
+    target_traffic: Annotated[
+        Path | None,
+        typer.Option(
+            help="Or the service's traffic sample (GET /v1/models/NAME/traffic, npz): served pixels as target, "
+            "pseudo-labels = their argmax."
+        ),
+    ] = None,
     k: Annotated[int, typer.Option(min=1, max=32, help="Gaussian components per pair mixture.")] = 5,
     num_knots: Annotated[int, typer.Option(min=2, max=65536, help="Knots of each shift table.")] = 256,
     eps: Annotated[float, typer.Option(min=1e-6, max=0.49, help="Quantile clamp of the shifts.")] = 0.01,
@@ -178,6 +185,20 @@ def fit(
         tgt = load_logits(target_logits, c) if target_logits is not None else None
     except InputFileError as exc:
         raise _fail(str(exc)) from None
+    if target_traffic is not None:
+        from calibration.traffic import load_sample
+
+        if tgt is not None:
+            raise _fail("expected --target-logits or --target-traffic, got both")
+        try:
+            pixels = load_sample(target_traffic).pixels  # (C, P)
+        except (OSError, ValueError) as exc:
+            raise _fail(str(exc)) from None
+        if pixels.shape[0] != c:
+            raise _fail(
+                f"{target_traffic}: expected pixels of {c} classes (the source logits'), got {pixels.shape[0]}"
+            )
+        tgt = pixels[None, :, None, :]  # (1, C, 1, P): the (N, C, H, W) layout
     if not np.any(lab != ignore_index):
         raise _fail(f"{labels}: expected at least one labelled pixel, got only {ignore_index} (ignore)")
 
@@ -209,7 +230,7 @@ def fit(
         "k": k,
         "num_knots": num_knots,
         "eps": eps,
-        "target": str(target_logits) if target_logits is not None else None,
+        "target": str(target_logits or target_traffic) if (target_logits or target_traffic) else None,
         "max_abs_shift": float(np.abs(tables.shifts.delta).max()),
         "per_class": {name.replace(" ", "_"): values for name, values in rows.items()},
     }

@@ -21,10 +21,11 @@ from service.logs import AccessLogMiddleware, configure_json_logging
 from service.multiproc import reap_dead_workers
 from service.openapi import component_schemas, install_openapi
 from service.problems import install_problem_handlers
+from service.recalibration.wiring import start_recalibration, stop_recalibration
 from service.records import SegmentationObserver
 from service.registry import ModelRegistry
 from service.request_id import RequestIdMiddleware
-from service.routes import admin, bias, feedback, health, metrics, models, segment, web
+from service.routes import admin, bias, feedback, health, metrics, models, recalibration, segment, web
 from service.settings import ServiceSettings, load_settings
 from service.state import MemoryStore, open_store
 from service.sync import RegistrySync
@@ -58,10 +59,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.runner = runner
     app.state.registry = registry
     start_monitoring(app, registry)
+    # After the sync's pins: a serving choice persisted on disk (activate, rollback) wins at start.
+    await asyncio.get_running_loop().run_in_executor(
+        runner.cpu_pool, start_recalibration, app, registry, state
+    )
     try:
         yield
     finally:
         watcher.cancel()
+        stop_recalibration(app)
         stop_monitoring(app)
         app.state.sync = None
         state.close()
@@ -85,6 +91,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.registry = None
     app.state.runner = None
     app.state.sync = None
+    app.state.recalibration = None
     observers: list[SegmentationObserver] = []
     app.state.segmentation_observers = observers
     install_problem_handlers(app)
@@ -96,7 +103,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(HttpMetricsMiddleware)
     # Outermost: an oversized head costs nothing further.
     app.add_middleware(HeadLimitMiddleware, max_bytes=settings.max_header_bytes)
-    for module in (segment, models, admin, health, web, feedback, bias, metrics):
+    for module in (segment, models, admin, recalibration, health, web, feedback, bias, metrics):
         app.include_router(module.router)
     web.mount_docs_assets(app)
     install_openapi(app, component_schemas(segment.SegmentationJson))

@@ -1,4 +1,4 @@
-"""`blda bundle create|validate|inspect`: bring your own ONNX model. torch-free; heavy imports (onnxruntime)
+"""`blda bundle create|validate|inspect|recalibrate`: bring your own ONNX model. torch-free; heavy imports (onnxruntime)
 go inside the commands. A bad bundle or input ends in one line naming the file and field, exit code 2."""
 
 from __future__ import annotations
@@ -298,3 +298,76 @@ def inspect(
         )
     else:
         typer.echo("  PIT: not measured (no labelled held-out images)")
+
+
+@app.command("recalibrate")
+def recalibrate(
+    bundle: Annotated[
+        Path, typer.Option(help="The base bundle MODELS/NAME/VERSION whose tables are refitted.")
+    ],
+    traffic: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="A traffic sample from GET /v1/models/NAME/traffic (npz)."),
+    ] = None,
+    images: Annotated[
+        list[Path] | None,
+        typer.Option(help="Or image files / folders, run through the model here (repeatable)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Models directory [default: the bundle's].")] = None,
+    version: Annotated[str | None, typer.Option(help="[default: the next after the highest].")] = None,
+    min_row_pixels: Annotated[int, typer.Option(min=1, help="Fewer pixels of a class keep its row.")] = 500,
+    pixels_per_image: Annotated[int, typer.Option(min=1, help="--images: pixels sampled per image.")] = 4096,
+    decision_scale: Annotated[
+        float, typer.Option(help="--images: as the service's BLDA_DECISION_SCALE.")
+    ] = 2.0,
+    seed: Annotated[int, typer.Option(help="Sampling and refit seed.")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads (--images).")] = 2,
+) -> None:
+    """Refit a bundle's target tables from a traffic sample (the service's, or one computed here from
+    images) with the service's own refit, into a new version beside it."""
+    from dataclasses import replace
+
+    from calibration.bundle import BundleError
+    from calibration.refit import RefitConfig
+    from calibration.traffic import load_sample, refit_from_traffic
+    from service.inference import load_served_model
+    from service.predict import collect_inputs
+    from service.recalibration.candidate import recalibration_provenance, write_candidate
+    from service.recalibration.offline import sample_images
+
+    if (traffic is None) == (not images):
+        raise _fail("expected --traffic FILE or --images PATH, got " + ("both" if traffic else "neither"))
+    base = _load(bundle)
+    if base.tables is None:
+        raise _fail(f"{bundle}: expected a bundle with calibration tables to refit, got none")
+    if traffic is not None:
+        try:
+            sample = load_sample(traffic)
+        except (OSError, ValueError) as exc:
+            raise _fail(str(exc)) from None
+        source = f"traffic file {traffic.name}"
+    else:
+        found, missing = collect_inputs(images or [])
+        for path, why in missing:
+            typer.echo(f"error: {path}: {why}", err=True)
+        if missing or not found:
+            raise _fail("--images: expected existing image files or folders")
+        try:
+            model = load_served_model(bundle, threads, provider="cpu")
+        except BundleError as exc:
+            raise _fail(str(exc)) from None
+        sample = sample_images(model, [p for p, _ in found], pixels_per_image, seed, decision_scale)
+        source = f"{len(found)} images, {pixels_per_image} pixels each"
+    config = replace(RefitConfig(seed=seed), min_row_pixels=min_row_pixels)
+    try:
+        tables, refit = refit_from_traffic(sample.pixels, base.tables, config)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    provenance = recalibration_provenance(base, sample, refit, config, source)
+    models_dir = out if out is not None else bundle.parent.parent
+    path = write_candidate(models_dir, base, tables, provenance, version)
+    typer.echo(
+        f"wrote {path}: {sample.num_pixels} pixels, PIT deviation {refit.pit_before.deviation:.4f} -> "
+        f"{refit.pit_after.deviation:.4f}, rows kept from {base.version}: "
+        f"{provenance['kept_current_rows'] or 'none'}"
+    )

@@ -80,6 +80,12 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
     "admin-disabled": ProblemType(
         403, "Admin disabled", "No admin key is configured (BLDA_ADMIN_API_KEY), so admin endpoints are off."
     ),
+    "not-enough-traffic": ProblemType(
+        409, "Not enough traffic", "Too few pixels of served traffic were sampled to refit the tables."
+    ),
+    "no-previous-version": ProblemType(
+        409, "No previous version", "No activation was recorded to roll back."
+    ),
     "not-ready": ProblemType(503, "Not ready", "No model version is loaded and serving yet."),
     "overloaded": ProblemType(
         503, "Overloaded", "Too many segment requests are in progress; retry after the Retry-After seconds."

@@ -56,6 +56,8 @@ class SegmentationRecord:
     # (h, w) float32: the (upsampled) logit of the calibrated decision's class; None: take it from
     # ``logits``, which must then be at the decision size.
     calibrated_logits: np.ndarray | None = None
+    # False: the client opted out of live recalibration's traffic sample (``record=false``).
+    record: bool = True
 
     @property
     def served_decision(self) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Admin: ``POST /v1/models/{name}/reload`` and ``POST /v1/models/{name}/versions/{version}/activate``.
+"""Admin: ``POST /v1/models/{name}/reload`` and ``POST /v1/models/{name}/versions/{version}/activate``
+(recorded in ``<name>/serving.json``, service.recalibration.choice, so that it outlives a restart).
 
 Authenticated by the ``X-API-Key`` header, compared in constant time with the configured key. Without a
 configured key (``BLDA_ADMIN_API_KEY``) these endpoints answer 403 ``admin-disabled``.
@@ -17,9 +18,11 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
 from service.dependencies import RegistryDep, RunnerDep, SettingsDep, problem_from
+from service.inference import InferenceRunner
 from service.names import ModelNameParam, VersionParam
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
-from service.registry import RegistryError
+from service.recalibration.choice import read_choice_or_fresh, write_choice
+from service.registry import ModelRegistry, RegistryError
 from service.routes.models import ModelSummary, summarise
 from service.settings import ServiceSettings
 from service.sync import RegistrySync
@@ -66,7 +69,7 @@ class AdminResult(ModelSummary):
     sync: WorkerSync
 
 
-async def _synced(
+async def synced(
     request: Request,
     settings: ServiceSettings,
     change: Callable[[dict[str, Any]], None],
@@ -112,7 +115,7 @@ async def reload_model(
     def count_reload(desired: dict[str, Any]) -> None:
         desired["reloads"][name] = int(desired["reloads"].get(name, 0)) + 1
 
-    sync = await _synced(request, settings, count_reload, reloaded=name)
+    sync = await synced(request, settings, count_reload, reloaded=name)
     return AdminResult(**summarise(registry.get(name), registry.default_name).model_dump(), sync=sync)
 
 
@@ -129,14 +132,30 @@ async def activate_version(
     runner: RunnerDep,
     settings: SettingsDep,
 ) -> AdminResult:
+    sync = await activate_everywhere(request, registry, runner, settings, name, version)
+    return AdminResult(**summarise(registry.get(name), registry.default_name).model_dump(), sync=sync)
+
+
+async def activate_everywhere(
+    request: Request,
+    registry: ModelRegistry,
+    runner: InferenceRunner,
+    settings: ServiceSettings,
+    name: str,
+    version: str,
+) -> WorkerSync:
+    """Serve ``version`` in every worker, and record it in ``<name>/serving.json`` so that it outlives a
+    restart (the version it replaced becomes the rollback target)."""
     try:
+        replaced = registry.get(name).active
         # The registry's lock may be held by a reload: wait for it off the event loop.
         await asyncio.get_running_loop().run_in_executor(runner.cpu_pool, registry.activate, name, version)
     except RegistryError as exc:
         raise problem_from(exc) from exc
+    choice = read_choice_or_fresh(registry.models_dir, name)
+    write_choice(registry.models_dir, name, choice.activated(version, replaced))
 
     def pin(desired: dict[str, Any]) -> None:
         desired["pins"][name] = version
 
-    sync = await _synced(request, settings, pin, reloaded=None)
-    return AdminResult(**summarise(registry.get(name), registry.default_name).model_dump(), sync=sync)
+    return await synced(request, settings, pin, reloaded=None)

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from service.dependencies import RegistryDep, problem_from
 from service.names import ModelNameParam
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
+from service.recalibration.wiring import Recalibration
 from service.registry import RegistryError
 from service.telemetry import Telemetry
 
@@ -33,6 +34,7 @@ def model_bias(name: ModelNameParam, request: Request, registry: RegistryDep) ->
     telemetry: Telemetry | None = getattr(request.app.state, "telemetry", None)
     if telemetry is None:
         raise Problem("not-ready", "the service is starting: no statistics yet")
+    recalibration: Recalibration | None = getattr(request.app.state, "recalibration", None)
     try:
         state = registry.get(name)
     except RegistryError as exc:
@@ -43,4 +45,6 @@ def model_bias(name: ModelNameParam, request: Request, registry: RegistryDep) ->
         "process_id": os.getpid(),
         "scope": "this worker process since it started",
         "versions": telemetry.report(name),
+        # The candidate of a recalibration beside the active version (service.recalibration.shadow).
+        "shadow": recalibration.shadow.report(name) if recalibration is not None else [],
     }

@@ -220,6 +220,9 @@ async def post_feedback(
             return _problem("invalid-mask", str(exc), request, feedback_for=served_id)
         confusion = await run_in_threadpool(feedback_confusion, prediction, truth)  # (2, C, C)
     telemetry.observe_feedback(prediction.model_name, prediction.model_version, confusion)
+    recalibration = getattr(request.app.state, "recalibration", None)
+    if recalibration is not None:  # a shadowed request: score the shadow version too (live recalibration)
+        await run_in_threadpool(recalibration.shadow.observe_feedback, prediction, truth)
     labelled = int(confusion[0].sum())
     correct = np.trace(confusion, axis1=1, axis2=2)  # (2,)
     calibrated = prediction.calibrated is not None

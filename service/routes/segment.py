@@ -141,6 +141,10 @@ RawMaskQuery = Annotated[
         "decisions of one request can be compared"
     ),
 ]
+RecordQuery = Annotated[
+    bool,
+    Query(description="false: keep no pixel of this request for live recalibration (the traffic sample)"),
+]
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,7 @@ async def _segment(
     runner: RunnerDep,
     settings: SettingsDep,
     observers: ObserversDep,
+    record_traffic: bool = True,
 ) -> Response:
     try:
         model = _serving(registry, name, version)
@@ -304,6 +309,7 @@ async def _segment(
             calibrate=use_calibration,
             tau=tau_used,
             timings=timings,
+            record=record_traffic,
         )
         if store is not None:
             # Before the response: a feedback sent the moment the client has it must find it.
@@ -349,9 +355,21 @@ async def segment_with_model(
     format: FormatQuery = "png",
     raw_mask: RawMaskQuery = False,
     version: VersionQuery = None,
+    record: RecordQuery = True,
 ) -> Response:
     return await _segment(
-        request, name, calibrate, tau, format, raw_mask, version, registry, runner, settings, observers
+        request,
+        name,
+        calibrate,
+        tau,
+        format,
+        raw_mask,
+        version,
+        registry,
+        runner,
+        settings,
+        observers,
+        record,
     )
 
 
@@ -374,7 +392,19 @@ async def segment_with_default(
     format: FormatQuery = "png",
     raw_mask: RawMaskQuery = False,
     version: VersionQuery = None,
+    record: RecordQuery = True,
 ) -> Response:
     return await _segment(
-        request, None, calibrate, tau, format, raw_mask, version, registry, runner, settings, observers
+        request,
+        None,
+        calibrate,
+        tau,
+        format,
+        raw_mask,
+        version,
+        registry,
+        runner,
+        settings,
+        observers,
+        record,
     )

@@ -247,3 +247,30 @@ def test_apply_bad_files(files: dict[str, Path], tmp_path: Path) -> None:
     blocker.write_text("x")
     result = _fit({**files, "out": blocker})
     _assert_clean_error(result, blocker, "expected a writable output directory")
+
+
+def test_fit_takes_the_service_traffic_sample_as_target(files: dict[str, Path], tmp_path: Path) -> None:
+    """The same target pixels as a traffic sample (C, P) or as logits (1, C, 1, P) give the same tables."""
+    from calibration.traffic import TrafficSample, save_sample
+
+    pixels = np.load(files["target"]).transpose(1, 0, 2, 3).reshape(C, -1).astype(np.float32)  # (C, P)
+    traffic = save_sample(tmp_path / "traffic.npz", TrafficSample(pixels, 0.0, 1.0, N))
+    as_logits = tmp_path / "as_logits.npy"
+    np.save(as_logits, pixels[None, :, None, :])
+    tables = []
+    for option, path in (("--target-traffic", traffic), ("--target-logits", as_logits)):
+        out = tmp_path / option.strip("-")
+        result = _fit({**files, "out": out}, option, str(path))
+        assert result.exit_code == 0, result.output
+        tables.append(read_calibration(out / "calibration.npz"))
+    np.testing.assert_array_equal(tables[0].target.means, tables[1].target.means)
+    np.testing.assert_array_equal(tables[0].shifts.delta, tables[1].shifts.delta)
+    assert not np.array_equal(tables[0].target.means, tables[0].source.means)  # the target was used
+    both = _fit(
+        {**files, "out": tmp_path / "both"},
+        "--target-traffic",
+        str(traffic),
+        "--target-logits",
+        str(as_logits),
+    )
+    assert both.exit_code == 2 and "got both" in both.output

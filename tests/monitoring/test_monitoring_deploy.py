@@ -17,6 +17,8 @@ import pytest
 import yaml
 from monitoring_helpers import CLASS_NAMES, fitted_tables, model_weights, random_record, require_tool
 
+from service.recalibration.settings import RecalibrationSettings
+from service.recalibration.shadow import ShadowMonitor, shadow_stats
 from service.telemetry import DECISIONS, QUANTILE_BUCKETS, BiasTotals, Telemetry, bias_report
 from service.worker_metrics import WorkerMetrics
 
@@ -50,6 +52,14 @@ def exported_names() -> set[str]:
     telemetry.observe_feedback("m", "1", np.ones((2, len(CLASS_NAMES), len(CLASS_NAMES)), np.int64))
     telemetry.http_requests.labels("/x", "GET", "200").inc()
     telemetry.http_duration.labels("/x", "GET").observe(0.1)
+    # Live recalibration's shadow series (one shadowed request).
+    shadow = ShadowMonitor(None, Path("."), RecalibrationSettings(), telemetry.registry)  # type: ignore[arg-type]
+    mask, logit = np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.float32)
+    shadow.export(
+        "m", "1", "2", shadow_stats((mask, logit, tables), (mask, logit, tables), (2, 2)), CLASS_NAMES
+    )
+    for counter in (shadow.feedback_correct, shadow.feedback_predicted, shadow.feedback_true):
+        counter.labels("m", "1", "active", CLASS_NAMES[0]).inc()
     workers = WorkerMetrics(telemetry.registry)
     workers.sample()
     workers.version_status.labels("m", "1", "ready").set(1)

@@ -366,6 +366,7 @@ def test_openapi_docs_and_demo_page(client: TestClient) -> None:
         "format",
         "raw_mask",
         "version",
+        "record",
     }
     assert client.get("/docs").status_code == 200
     page = client.get("/")
