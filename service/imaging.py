@@ -6,7 +6,11 @@ Pure functions over bytes and arrays; the routes decide what a failure means ove
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,28 +33,21 @@ class ImageTooLargeError(ValueError):
     """An image whose header declares more pixels than allowed (found before decoding)."""
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Bytes -> (H, W, 3) uint8 RGB, upright per EXIF; the size is checked from the header first."""
-    if not data:
-        raise ImageDecodeError("expected image bytes, got an empty body")
+# EXIF orientations (TIFF tag 0x0112) that turn the stored image by 90 degrees: its sides swap.
+_ORIENTATION = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)
+
+
+@contextmanager
+def _decoding() -> Iterator[None]:
+    """Pillow's failures as our two errors: too large (a bomb) or not an image."""
     try:
         with warnings.catch_warnings():
-            # Our own limit applies below; Pillow's bomb warning would only duplicate it.
+            # Our own limit applies (open_image); Pillow's bomb warning would only duplicate it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data), formats=DECODERS)  # lazy: reads the header only
-            width, height = opened.size
-            if width <= 0 or height <= 0:
-                raise ImageDecodeError(f"expected a positive image size, got {width} x {height}")
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"expected at most {max_pixels} pixels, got {width} x {height} = {width * height}"
-                )
-            image = ImageOps.exif_transpose(opened)  # decodes
-            if image.mode != "RGB":
-                image = _to_rgb(image)
-            return np.asarray(image)  # (H, W, 3) uint8
+            yield
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"expected at most {max_pixels} pixels, got {exc}") from exc
+        raise ImageTooLargeError(f"expected at most the allowed pixels, got {exc}") from exc
     except (ImageDecodeError, ImageTooLargeError):
         raise
     except UnidentifiedImageError as exc:
@@ -61,6 +58,66 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         # Pillow's decoders report malformed input through many exception types (OSError, SyntaxError,
         # struct.error, ValueError, ...): all of them mean the client's bytes are not a valid image.
         raise ImageDecodeError(f"expected a PNG, JPEG or WebP image, got undecodable bytes ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class OpenedImage:
+    """An image whose header is read and checked, its pixels not yet decoded."""
+
+    image: Image.Image  # lazy
+    size: tuple[int, int]  # (H, W) upright, as displayed (EXIF orientation applied)
+    swaps_sides: bool  # the stored image is (W, H): its EXIF orientation turns it by 90 degrees
+
+
+def open_image(data: bytes, max_pixels: int) -> OpenedImage:
+    """Bytes -> the lazily opened image and its upright size; the size is checked from the header."""
+    if not data:
+        raise ImageDecodeError("expected image bytes, got an empty body")
+    with _decoding():
+        opened = Image.open(io.BytesIO(data), formats=DECODERS)  # lazy: reads the header only
+        width, height = opened.size
+        if width <= 0 or height <= 0:
+            raise ImageDecodeError(f"expected a positive image size, got {width} x {height}")
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"expected at most {max_pixels} pixels, got {width} x {height} = {width * height}"
+            )
+        swaps = opened.getexif().get(_ORIENTATION, 1) in _SWAPS_SIDES
+        size = (width, height) if swaps else (height, width)
+        return OpenedImage(opened, size, swaps)
+
+
+def scaled_decode_size(image_size: tuple[int, int], at_least: tuple[int, int]) -> tuple[int, int] | None:
+    """The (h, w) to ask a scaling decoder for, or None for a full decode: only when ``at_least`` is at
+    most half the image on both sides (a smaller reduction saves little and would blur more)."""
+    height, width = image_size
+    if 2 * at_least[0] > height or 2 * at_least[1] > width:
+        return None
+    return at_least
+
+
+def load_rgb(opened: OpenedImage, at_least: tuple[int, int] | None = None) -> np.ndarray:
+    """The pixels, upright: (H, W, 3) uint8, or with ``at_least`` (h, w) and a decoder that can scale
+    (JPEG: libjpeg's DCT scaling by 1/2, 1/4, 1/8), the smallest such reduction of at least (h, w).
+
+    Pillow 13 offers scaled decoding for JPEG only (WebP and PNG decode at full size whatever is asked).
+    """
+    image = opened.image
+    with _decoding():
+        wanted = scaled_decode_size(opened.size, at_least) if at_least is not None else None
+        if wanted is not None and opened.image.format == "JPEG":
+            h, w = (wanted[1], wanted[0]) if opened.swaps_sides else wanted
+            image.draft("RGB", (w, h))  # the decoder picks the largest 1/2^k scale keeping >= (w, h)
+        image = ImageOps.exif_transpose(image)  # decodes
+        if image.mode != "RGB":
+            image = _to_rgb(image)
+        return np.asarray(image)  # (H, W, 3) uint8
+
+
+def decode_image(data: bytes, max_pixels: int, at_least: tuple[int, int] | None = None) -> np.ndarray:
+    """Bytes -> (H, W, 3) uint8 RGB, upright per EXIF; the size is checked from the header first.
+    With ``at_least``, maybe smaller (see :func:`load_rgb`)."""
+    return load_rgb(open_image(data, max_pixels), at_least)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -128,13 +185,52 @@ def palette_bytes(colors: np.ndarray) -> bytes:
     return table.tobytes()
 
 
-def encode_png_mask(mask: np.ndarray, palette: bytes, compress_level: int = 1) -> bytes:
-    """(H, W) uint8 class ids -> palette PNG whose pixel values are the class ids."""
-    image = Image.fromarray(mask, "L")
-    image.putpalette(palette)  # L -> P keeps the values: each pixel's value is its class id
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
+
+def mask_scanlines(mask: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(h, w) uint8 -> (H, W + 1) PNG scanlines (filter byte 0, "None", then the row) of the mask resized
+    to ``size`` (H, W) by nearest neighbour (pixel centres, as :func:`resize_nearest`).
+
+    The resize is an index gather fused into building the scanlines: columns first on the h source rows
+    (into rows that already carry their filter byte), then whole rows repeated, so the (H, W) mask is never
+    made on its own.
+    """
+    h, w = mask.shape
+    height, width = size if size is not None else (h, w)
+    lines = np.empty((h, width + 1), np.uint8)
+    lines[:, 0] = 0
+    lines[:, 1:] = mask if width == w else mask[:, nearest_indices(w, width)]
+    return lines if height == h else lines[nearest_indices(h, height)]
+
+
+def encode_png_mask(
+    mask: np.ndarray, palette: bytes, compress_level: int = 1, size: tuple[int, int] | None = None
+) -> bytes:
+    """(h, w) uint8 class ids -> palette PNG (8-bit, pixel value = class id), resized to ``size`` (H, W)
+    by nearest neighbour when given.
+
+    Written here rather than by Pillow: no row filter and zlib's run-length strategy (a mask is long runs
+    of one value) are about twice as fast as Pillow's palette PNG at the same level, and smaller.
+    """
+    lines = mask_scanlines(mask, size)  # (H, W + 1)
+    height, width = lines.shape[0], lines.shape[1] - 1
+    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8-bit palette, no interlace
+    deflate = zlib.compressobj(compress_level, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
+    pixels = deflate.compress(lines) + deflate.flush()
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"PLTE", palette),
+            _png_chunk(b"IDAT", pixels),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 def run_length_encode(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -167,7 +167,7 @@ class _Job:
 
 
 def _decode(job: _Job, data: bytes) -> tuple[tuple[int, int], np.ndarray]:
-    return decode(job.model, data, job.opts.max_pixels)
+    return decode(job.model, data, job.opts.max_pixels, job.opts.scaled_decode)
 
 
 def _whole(job: _Job, data: bytes, runner: InferenceRunner, queued_at: float) -> _Done:
