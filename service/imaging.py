@@ -165,17 +165,28 @@ class Normalisation:
         )
 
 
-def preprocess(rgb: np.ndarray, size: tuple[int, int], norm: Normalisation) -> np.ndarray:
-    """(H, W, 3) uint8 -> (1, 3, h, w) float32 at ``size`` (bilinear), normalised."""
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 at ``size`` (bilinear, Pillow's: antialiased when shrinking)."""
     height, width = size
-    if rgb.shape[:2] != (height, width):
-        rgb = np.asarray(Image.fromarray(rgb, "RGB").resize((width, height), Image.Resampling.BILINEAR))
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    return np.asarray(Image.fromarray(rgb, "RGB").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def normalise(rgb: np.ndarray, norm: Normalisation) -> np.ndarray:
+    """(h, w, 3) uint8 -> (1, 3, h, w) float32, normalised."""
+    height, width = rgb.shape[:2]
     out = np.empty((1, 3, height, width), dtype=np.float32)
     for channel in range(3):
         # Writing each plane in place avoids a (H, W, 3) float temporary and a transpose copy.
         np.multiply(rgb[:, :, channel], norm.scale[channel], out=out[0, channel], casting="unsafe")
         out[0, channel] += norm.offset[channel]
     return out
+
+
+def preprocess(rgb: np.ndarray, size: tuple[int, int], norm: Normalisation) -> np.ndarray:
+    """(H, W, 3) uint8 -> (1, 3, h, w) float32 at ``size`` (bilinear), normalised."""
+    return normalise(resize_rgb(rgb, size), norm)
 
 
 def palette_bytes(colors: np.ndarray) -> bytes:
@@ -221,7 +232,7 @@ def encode_png_mask(
     height, width = lines.shape[0], lines.shape[1] - 1
     header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8-bit palette, no interlace
     deflate = zlib.compressobj(compress_level, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
-    pixels = deflate.compress(lines) + deflate.flush()
+    pixels = deflate.compress(lines.data) + deflate.flush()
     return b"".join(
         (
             _PNG_SIGNATURE,
