@@ -244,20 +244,53 @@ def encode_png_mask(
     )
 
 
-def run_length_encode(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) -> (values, lengths) of the runs of the row-major flattened mask.
+def run_length_encode(mask: np.ndarray, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(h, w) -> (values, lengths) of the runs of the row-major flattened mask, resized first to ``size``
+    (H, W) by nearest neighbour (as :func:`resize_nearest`) when given, without making the resized mask.
 
-    The format of the JSON masks: expand with ``np.repeat(values, lengths).reshape(H, W)``.
+    The format of the JSON masks: expand with ``np.repeat(values, lengths).reshape(H, W)``. Resized, a
+    row is its source row with each column repeated, and rows repeat: the runs of each source row are
+    found once on the (h, w') distinct columns, laid out per output row, and merged where a row ends in
+    the value the next one starts with.
     """
-    flat = mask.ravel()
-    if flat.size == 0:
-        return flat[:0], np.zeros(0, dtype=np.int64)
-    starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate(([0], starts))
-    lengths = np.diff(np.concatenate((starts, [flat.size])))
-    return flat[starts], lengths
+    h, w = mask.shape
+    height, width = size if size is not None else (h, w)
+    if height * width == 0:
+        return mask.ravel()[:0], np.zeros(0, dtype=np.int64)
+    col_src, col_reps = np.unique(nearest_indices(w, width), return_counts=True)  # (w',) each
+    row_src = nearest_indices(h, height)  # (H,) the source row of each output row
+    cells = mask[:, col_src]  # (h, w') distinct columns; cell j stands for col_reps[j] pixels
+    # Runs within each source row: a run starts at column 0 and wherever the value changes.
+    starts = np.ones(cells.shape, bool)
+    starts[:, 1:] = cells[:, 1:] != cells[:, :-1]
+    flat_starts = np.flatnonzero(starts)  # (R,) over the (h, w') cells, row by row
+    run_values = cells.ravel()[flat_starts]
+    run_lengths = np.add.reduceat(np.tile(col_reps, h), flat_starts)  # (R,)
+    per_row = starts.sum(axis=1)  # (h,) runs in each source row
+    first = np.concatenate(([0], np.cumsum(per_row)[:-1]))  # (h,) index of each row's first run
+    # The runs of every output row, in order: row i contributes runs first[r] .. first[r] + per_row[r].
+    counts = per_row[row_src]  # (H,)
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    index = np.repeat(first[row_src], counts) + offsets
+    values, lengths = run_values[index], run_lengths[index]
+    # Merge runs that continue across a row boundary (equal neighbouring values).
+    keep = np.ones(values.size, bool)
+    keep[1:] = values[1:] != values[:-1]
+    merged = np.flatnonzero(keep)
+    return values[merged], np.add.reduceat(lengths, merged)
 
 
-def class_counts(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """(H, W) -> (C,) int64 pixel count per class."""
-    return np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
+def resize_weights(shape: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """(h, w) -> (h, w) int64: how many pixels of the nearest resize to ``size`` (H, W) each source pixel
+    becomes (0 for pixels a shrink skips); pixel counts of the resized mask without making it."""
+    (h, w), (height, width) = shape, size
+    rows = np.bincount(nearest_indices(h, height), minlength=h)  # (h,)
+    cols = np.bincount(nearest_indices(w, width), minlength=w)  # (w,)
+    return rows[:, None] * cols[None, :]
+
+
+def class_counts(mask: np.ndarray, num_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) -> (C,) int64 pixel count per class; each pixel counting ``weights`` (H, W) when given."""
+    flat_weights = weights.ravel() if weights is not None else None
+    counts = np.bincount(mask.ravel(), weights=flat_weights, minlength=num_classes)[:num_classes]
+    return counts.astype(np.int64)

@@ -26,6 +26,7 @@ from service.imaging import (
     palette_bytes,
     preprocess,
     resize_nearest,
+    resize_weights,
     run_length_encode,
     scaled_decode_size,
 )
@@ -236,3 +237,33 @@ def test_png_mask_is_a_valid_png_with_checksums(level: int) -> None:
     image = Image.open(io.BytesIO(data))
     image.load()  # the zlib stream's own checksum
     assert np.array_equal(np.asarray(image), mask)
+
+
+def runs_reference(mask: np.ndarray) -> tuple[list[int], list[int]]:
+    """Runs of the row-major flattened mask, one pixel at a time."""
+    values: list[int] = []
+    lengths: list[int] = []
+    for value in mask.ravel().tolist():
+        if values and values[-1] == value:
+            lengths[-1] += 1
+        else:
+            values.append(value)
+            lengths.append(1)
+    return values, lengths
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    mask=arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9)), elements=st.integers(0, 2)),
+    height=st.integers(1, 30),
+    width=st.integers(1, 30),
+)
+def test_runs_of_the_resized_mask_without_resizing_it(mask: np.ndarray, height: int, width: int) -> None:
+    """Against the runs of the mask resized first (shrinks included, where source pixels are skipped)."""
+    full = nearest_reference(mask, height, width)
+    values, lengths = run_length_encode(mask, (height, width))
+    expected_values, expected_lengths = runs_reference(full)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(lengths, expected_lengths)
+    weights = resize_weights(mask.shape, (height, width))
+    np.testing.assert_array_equal(class_counts(mask, 3, weights), class_counts(full, 3))
