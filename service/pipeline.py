@@ -29,6 +29,7 @@ from service.inference import ServedModel
 from service.settings import ServiceSettings
 
 FORMATS = ("png", "json")
+MASK_SIZES = ("image", "decision")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class SegmentOptions:
     band_pixels: int = 65536
     png_level: int = 1
     scaled_decode: bool = True  # JPEG: decode at the model's scale when it is at most half the image
+    mask_at: str = "image"  # "image": the mask at the image's size; "decision": at the decision size
     raw_mask: bool = False  # json: the raw decision's mask too, beside the served one
     json_head: dict[str, Any] = field(default_factory=dict)  # leading fields of the JSON body
 
@@ -129,10 +131,15 @@ def encode(model: ServedModel, decision: Decision, size: tuple[int, int], opts: 
     """Decisions -> the response body at the image's size (H', W') -> (H, W) nearest.
 
     The (H, W) masks are never made: the PNG rows, the runs and the pixel counts are computed from the
-    decisions at (H', W') (service.imaging), 16 times fewer pixels for a 1024 x 2048 image."""
+    decisions at (H', W') (service.imaging), 16 times fewer pixels for a 1024 x 2048 image. With
+    ``mask_at="decision"`` the masks stay at (H', W') (the client resizes them; class counts and changed
+    pixels are still of the image's pixels)."""
     served = decision.served
+    if opts.mask_at not in MASK_SIZES:
+        raise ValueError(f"mask_at: expected one of {list(MASK_SIZES)}, got {opts.mask_at!r}")
+    mask_size = size if opts.mask_at == "image" else (int(served.shape[0]), int(served.shape[1]))
     if opts.output == "png":
-        return encode_png_mask(served, model.palette, opts.png_level, size)
+        return encode_png_mask(served, model.palette, opts.png_level, mask_size)
     classes = model.bundle.manifest.class_names
     weights = resize_weights(served.shape, size)  # (H', W') image pixels per decision pixel
 
@@ -149,9 +156,9 @@ def encode(model: ServedModel, decision: Decision, size: tuple[int, int], opts: 
     else:
         body["raw_class_counts"] = body["class_counts"]
         body["changed_pixels"] = None
-    body["mask"] = _rle(served, size)
+    body["mask"] = _rle(served, mask_size)
     if opts.raw_mask:
-        body["raw_mask"] = _rle(decision.raw, size)
+        body["raw_mask"] = _rle(decision.raw, mask_size)
     return json.dumps(body, separators=(",", ":")).encode()
 
 
