@@ -48,7 +48,7 @@ from calibration.bundle import CalibrationSpec, discover_bundles, load_bundle, s
 from calibration.distributions import fit_pair_gmms
 from calibration.segmentation import resize_nearest
 from calibration.tables import build_calibration_tables
-from service.imaging import load_rgb, normalise, open_image, preprocess, resize_rgb
+from service.imaging import load_resized, normalise, open_image, preprocess
 from service.inference import ServedModel, load_served_model
 from service.pipeline import decide_for, encode, options_from, segment_bytes
 from service.settings import ServiceSettings, available_cores
@@ -312,8 +312,7 @@ def stage_profile(
     cal_opts = options_from(settings, True, model.tau_default)
     size = open_image(data, opts.max_pixels).size
     in_size = model.input_size(*size)
-    decoded = load_rgb(open_image(data, opts.max_pixels), in_size if opts.scaled_decode else None)
-    resized = resize_rgb(decoded, in_size)
+    resized = load_resized(open_image(data, opts.max_pixels), in_size, opts.scaled_decode)  # (h, w, 3)
     tensor = normalise(resized, model.norm)
     logits = model.run(tensor)[0]  # (C, h, w)
     decision = decide_for(model, logits, size, opts)
@@ -322,10 +321,7 @@ def stage_profile(
     upsample_ways_ = {f"upsample: {k}": v for k, v in floors.upsample_ways(decision.served, size).items()}
     encode_ways_ = {f"encode: {k}": v for k, v in floors.encode_ways(full_mask, model.palette).items()}
     ours: dict[str, Callable[[], object]] = {
-        "decode": lambda: load_rgb(
-            open_image(data, opts.max_pixels), in_size if opts.scaled_decode else None
-        ),
-        "resize": lambda: resize_rgb(decoded, in_size),
+        "decode": lambda: load_resized(open_image(data, opts.max_pixels), in_size, opts.scaled_decode),
         "normalise": lambda: normalise(resized, model.norm),
         "infer": lambda: model.run(tensor),
         "decide": lambda: decide_for(model, logits, size, opts),
@@ -339,11 +335,7 @@ def stage_profile(
     enc_floor, enc_by = fastest(measured, encode_ways_)
     m = {name: p50(values) for name, values in measured.items()}
     rows = [
-        StageRow(
-            "decode to the model's size", m["decode"] + m["resize"], decode_floor, decode_by.split(": ")[1]
-        ),
-        StageRow("  of which decode", m["decode"], None, ""),
-        StageRow("  of which resize", m["resize"], None, ""),
+        StageRow("decode to the model's size", m["decode"], decode_floor, decode_by.split(": ")[1]),
         StageRow("normalise", m["normalise"], None, ""),
         StageRow("infer", m["infer"], m["infer"], "session.run alone"),
         StageRow(

@@ -96,22 +96,37 @@ def scaled_decode_size(image_size: tuple[int, int], at_least: tuple[int, int]) -
     return at_least
 
 
+def _upright(opened: OpenedImage, at_least: tuple[int, int] | None) -> Image.Image:
+    """The decoded RGB image, upright; with ``at_least`` (h, w) maybe reduced (see :func:`load_rgb`)."""
+    image = opened.image
+    with _decoding():
+        wanted = scaled_decode_size(opened.size, at_least) if at_least is not None else None
+        if wanted is not None and image.format == "JPEG":
+            h, w = (wanted[1], wanted[0]) if opened.swaps_sides else wanted
+            image.draft("RGB", (w, h))  # the decoder picks the largest 1/2^k scale keeping >= (w, h)
+        image.load()
+        # In place: a copy of the whole image when there is nothing to turn, otherwise.
+        ImageOps.exif_transpose(image, in_place=True)
+        return image if image.mode == "RGB" else _to_rgb(image)
+
+
 def load_rgb(opened: OpenedImage, at_least: tuple[int, int] | None = None) -> np.ndarray:
     """The pixels, upright: (H, W, 3) uint8, or with ``at_least`` (h, w) and a decoder that can scale
     (JPEG: libjpeg's DCT scaling by 1/2, 1/4, 1/8), the smallest such reduction of at least (h, w).
 
     Pillow 13 offers scaled decoding for JPEG only (WebP and PNG decode at full size whatever is asked).
     """
-    image = opened.image
-    with _decoding():
-        wanted = scaled_decode_size(opened.size, at_least) if at_least is not None else None
-        if wanted is not None and opened.image.format == "JPEG":
-            h, w = (wanted[1], wanted[0]) if opened.swaps_sides else wanted
-            image.draft("RGB", (w, h))  # the decoder picks the largest 1/2^k scale keeping >= (w, h)
-        image = ImageOps.exif_transpose(image)  # decodes
-        if image.mode != "RGB":
-            image = _to_rgb(image)
-        return np.asarray(image)  # (H, W, 3) uint8
+    return np.asarray(_upright(opened, at_least))  # (H, W, 3) uint8
+
+
+def load_resized(opened: OpenedImage, size: tuple[int, int], scaled: bool = True) -> np.ndarray:
+    """The pixels upright at ``size`` (h, w): (h, w, 3) uint8, decoded at reduced scale first when
+    ``scaled`` and the decoder can (see :func:`load_rgb`), then resized as :func:`resize_rgb` does.
+
+    The same pixels as ``resize_rgb(load_rgb(opened, ...), size)``, with the image kept in Pillow until
+    it is small: no full-size copies into numpy and back.
+    """
+    return np.asarray(_resized(_upright(opened, size if scaled else None), size))  # (h, w, 3)
 
 
 def decode_image(data: bytes, max_pixels: int, at_least: tuple[int, int] | None = None) -> np.ndarray:
@@ -165,12 +180,18 @@ class Normalisation:
         )
 
 
+def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    height, width = size
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.BILINEAR)
+
+
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 -> (h, w, 3) uint8 at ``size`` (bilinear, Pillow's: antialiased when shrinking)."""
-    height, width = size
-    if rgb.shape[:2] == (height, width):
+    if rgb.shape[:2] == size:
         return rgb
-    return np.asarray(Image.fromarray(rgb, "RGB").resize((width, height), Image.Resampling.BILINEAR))
+    return np.asarray(_resized(Image.fromarray(rgb, "RGB"), size))
 
 
 def normalise(rgb: np.ndarray, norm: Normalisation) -> np.ndarray:

@@ -19,9 +19,9 @@ from calibration.segmentation import DEFAULT_DECISION_SCALE, decide, decision_si
 from service.imaging import (
     class_counts,
     encode_png_mask,
-    load_rgb,
+    load_resized,
+    normalise,
     open_image,
-    preprocess,
     resize_weights,
     run_length_encode,
 )
@@ -98,8 +98,7 @@ def decode(
     accuracy unchanged (`python -m bench decode_scaling`)."""
     opened = open_image(data, max_pixels)
     size = model.input_size(*opened.size)
-    rgb = load_rgb(opened, size if scaled else None)  # (H, W, 3) or (h', w', 3) uint8
-    return opened.size, preprocess(rgb, size, model.norm)
+    return opened.size, normalise(load_resized(opened, size, scaled), model.norm)
 
 
 def decide_for(

@@ -19,6 +19,7 @@ from service.imaging import (
     class_counts,
     decode_image,
     encode_png_mask,
+    load_resized,
     load_rgb,
     mask_scanlines,
     model_input_size,
@@ -26,6 +27,7 @@ from service.imaging import (
     palette_bytes,
     preprocess,
     resize_nearest,
+    resize_rgb,
     resize_weights,
     run_length_encode,
     scaled_decode_size,
@@ -267,3 +269,18 @@ def test_runs_of_the_resized_mask_without_resizing_it(mask: np.ndarray, height: 
     np.testing.assert_array_equal(lengths, expected_lengths)
     weights = resize_weights(mask.shape, (height, width))
     np.testing.assert_array_equal(class_counts(mask, 3, weights), class_counts(full, 3))
+
+
+@pytest.mark.parametrize(("fmt", "orientation"), [("PNG", 1), ("JPEG", 1), ("JPEG", 6), ("WEBP", 8)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_decoding_to_a_size_is_decoding_then_resizing(fmt: str, orientation: int, scaled: bool) -> None:
+    """The image kept in Pillow until it is small: the same pixels as the two steps through numpy."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(BIG), fmt, exif=exif.tobytes())
+    size = open_image(data, 10**6).size
+    target = (size[0] // 4 - 3, size[1] // 4 + 1)  # not a power-of-two reduction: the resize runs
+    expected = resize_rgb(load_rgb(open_image(data, 10**6), target if scaled else None), target)
+    got = load_resized(open_image(data, 10**6), target, scaled)
+    assert got.shape == (*target, 3)
+    np.testing.assert_array_equal(got, expected)
