@@ -51,7 +51,7 @@ from calibration.tables import build_calibration_tables
 from service.imaging import load_resized, normalise, open_image, preprocess
 from service.inference import ServedModel, load_served_model
 from service.pipeline import decide_for, encode, options_from, segment_bytes
-from service.settings import ServiceSettings, available_cores
+from service.settings import ServiceSettings, auto_workers, available_cores
 
 REPO = Path(__file__).resolve().parent.parent
 HEIGHT, WIDTH = 512, 1024  # the rendered scene
@@ -60,10 +60,10 @@ FORMATS: dict[str, dict[str, object]] = {"PNG": {}, "JPEG": {"quality": 90}, "WE
 MEDIA = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 # --variants: (label, `blda serve` options, environment) of other settings, throughput only.
 VARIANTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
-    ("1 worker, 1 onnx thread, 2 concurrent inferences", (), {
+    ("1 worker, 2 onnx threads (the default before)", ("--workers", "1"), {}),
+    ("1 worker, 1 onnx thread, 2 concurrent inferences", ("--workers", "1"), {
         "BLDA_INTRA_OP_THREADS": "1", "BLDA_MAX_CONCURRENT_INFERENCES": "2"}),
-    ("1 worker, 4 CPU-pool threads", (), {"BLDA_CPU_THREADS": "4"}),
-    ("2 workers (1 onnx thread each)", ("--workers", "2"), {}),
+    ("1 worker, 4 CPU-pool threads", ("--workers", "1"), {"BLDA_CPU_THREADS": "4"}),
 )  # fmt: skip
 
 
@@ -427,8 +427,8 @@ def main() -> None:
 
     print(
         f"bundle {model.name}/{model.version} ({'trained' if model.bundle.manifest.provenance.trained else 'UNTRAINED'}), "
-        f"model input {model.input_size(*SIZES[0])}, {threads} onnxruntime threads, {available_cores()} cores, "
-        f"server: `blda serve` defaults; calibration tables: {tables_note}"
+        f"model input {model.input_size(*SIZES[0])}, in-process {threads} onnxruntime threads, {available_cores()} cores, "
+        f"server: `blda serve` defaults ({auto_workers(available_cores())} workers); calibration tables: {tables_note}"
     )
     print(
         "\nstage p50 ms, in-process (the service's own functions) beside the stage's floor; HTTP rows over 127.0.0.1"
