@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # The nearest resize of decisions lives in the core's pipeline (shared with `blda evaluate`); re-exported.
 from calibration.segmentation import nearest_indices as nearest_indices
 from calibration.segmentation import resize_nearest as resize_nearest
+from service.deflate import compress_rows
 
 # Formats Pillow may try: nothing else is parsed, whatever the bytes claim to be.
 DECODERS = ("PNG", "JPEG", "WEBP")
@@ -218,6 +219,10 @@ def palette_bytes(colors: np.ndarray) -> bytes:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Rows that repeat the row before, as a share of all rows, from which constant repeat blocks beat one zlib
+# pass (measured: a 4x upsampled mask, 75%, encodes ~2x faster; at 2x, 50%, the per-row flushes and
+# Python steps cost more than zlib's search saves).
+REPEATS_WORTH_IT = 0.6
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -246,14 +251,26 @@ def encode_png_mask(
     """(h, w) uint8 class ids -> palette PNG (8-bit, pixel value = class id), resized to ``size`` (H, W)
     by nearest neighbour when given.
 
-    Written here rather than by Pillow: no row filter and zlib's run-length strategy (a mask is long runs
-    of one value) are about twice as fast as Pillow's palette PNG at the same level, and smaller.
+    Written here rather than by Pillow: no row filter, zlib's run-length strategy (a mask is long runs
+    of one value) on the distinct rows only, and each row equal to the one before (every repeat of an
+    upsampled row, and equal neighbours) a constant back-reference block (service.deflate) when most
+    rows repeat: ~3x faster than Pillow's palette PNG at level 1 for a 1024 x 2048 mask upsampled 4x.
     """
-    lines = mask_scanlines(mask, size)  # (H, W + 1)
-    height, width = lines.shape[0], lines.shape[1] - 1
+    h = mask.shape[0]
+    height, width = size if size is not None else mask.shape
+    lines = mask_scanlines(mask, (h, width))  # (h, W + 1): the source rows, columns resized
+    row_src = nearest_indices(h, height)  # (H,) the source row of each PNG row
+    same = np.zeros(h, bool)  # same[r]: source row r equals row r - 1
+    same[1:] = (lines[1:] == lines[:-1]).all(axis=1)
+    step = np.diff(row_src)
+    repeats = np.concatenate(([False], (step == 0) | ((step == 1) & same[row_src[1:]])))  # (H,)
+    if repeats.mean() >= REPEATS_WORTH_IT:
+        row_bytes = [lines[r].tobytes() for r in range(h)]
+        pixels = compress_rows([row_bytes[r] for r in row_src], repeats.tolist(), compress_level)
+    else:
+        deflate = zlib.compressobj(compress_level, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
+        pixels = deflate.compress(lines[row_src].data) + deflate.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8-bit palette, no interlace
-    deflate = zlib.compressobj(compress_level, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
-    pixels = deflate.compress(lines.data) + deflate.flush()
     return b"".join(
         (
             _PNG_SIGNATURE,
