@@ -1,8 +1,8 @@
 """Does decoding JPEG at the model's scale cost accuracy? mIoU through the service path with and without it.
 
-    .venv/bin/python -m bench decode_scaling [--quick] [--limit=N]
+    .venv/bin/python -m bench decode_scaling [--quick] [--limit=N] [--data=DIR]
 
-The benchmark's target val (`--data`, default /work/main/data/synth or $BLDA_DATA; Cityscapes layout,
+The benchmark's target val (`--data=DIR`, default $BLDA_DATA, else data/synth; Cityscapes layout,
 256 x 512 PNGs) is upscaled (bilinear) to 512 x 1024 and 1024 x 2048, so that the shipped model's
 128 x 256 input is 1/4 and 1/8 of the image, and encoded as JPEG at quality 90. Each JPEG goes through
 `service.pipeline.segment_bytes` (the route's code, in-process) with `scaled_decode` on and off; the PNG
@@ -49,11 +49,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     parser.add_argument(
-        "--data", type=Path, default=Path(os.environ.get("BLDA_DATA", "/work/main/data/synth"))
+        "--data", type=Path, default=Path(os.environ.get("BLDA_DATA", REPO / "data" / "synth"))
     )
     parser.add_argument("--limit", type=int, default=0, help="first N val images (0: all)")
     parser.add_argument("--quick", action="store_true", help="the first 40 val images")
     args = parser.parse_args()
+    if not (args.data / "target").is_dir():
+        print(f"skipped: no benchmark at {args.data} (`blda synth --out data/synth`, or --data=DIR)")
+        return
     from training.datasets import open_split  # torch: imported only when this benchmark runs
 
     val = open_split(args.data, "target", "val")
