@@ -203,10 +203,15 @@ def server_seconds(server_timing: str) -> float:
 
 
 def http_call(
-    client: httpx.Client, data: bytes, media: str, calibrate: bool, multipart: bool = False
+    client: httpx.Client,
+    data: bytes,
+    media: str,
+    calibrate: bool,
+    multipart: bool = False,
+    mask_size: str = "image",
 ) -> Callable[[], None]:
     """One POST of the image: a raw body of its media type, or a multipart form with a `file` part."""
-    url = f"/v1/segment?calibrate={str(calibrate).lower()}"
+    url = f"/v1/segment?calibrate={str(calibrate).lower()}&mask_size={mask_size}"
 
     def call() -> None:
         if multipart:
@@ -400,6 +405,7 @@ def main() -> None:
                         "http": http_call(client, data, media, False),
                         "http_cal": http_call(client, data, media, True),
                         "http_multipart": http_call(client, data, media, False, multipart=True),
+                        "http_small_mask": http_call(client, data, media, False, mask_size="decision"),
                         "ping": lambda: client.get("/healthz").raise_for_status(),
                     },
                     args.repeats,
@@ -441,14 +447,19 @@ def main() -> None:
             print(
                 f"{fmt + f' {size[0]}x{size[1]}':<16} {row.stage:<32} {row.ours_ms:7.2f} {floor} {ratio}  {row.floor_by}"
             )
-    print("\nrequest p50 ms")
     print(
-        f"{'image':<16} {'plain':>7} {'in-proc':>8} {'HTTP':>7} {'HTTP cal':>9} {'multipart':>10} {'plain/HTTP':>11} {'cal/raw':>8}"
+        "\nrequest p50 ms: plain = bench.floors.plain_pipeline in-process; in-proc = service.pipeline in-process; "
+        "HTTP = raw body, calibrate=false; multipart = a form; small mask = mask_size=decision"
+    )
+    print(
+        f"{'image':<16} {'plain':>7} {'in-proc':>8} {'HTTP':>7} {'HTTP cal':>9} {'multipart':>10} "
+        f"{'small mask':>11} {'plain/HTTP':>11} {'cal/raw':>8}"
     )
     for (fmt, size), (_, m) in profiles.items():
         print(
             f"{fmt + f' {size[0]}x{size[1]}':<16} {m['plain']:7.1f} {m['local']:8.1f} {m['http']:7.1f} "
-            f"{m['http_cal']:9.1f} {m['http_multipart']:10.1f} {m['plain'] / m['http']:11.2f} "
+            f"{m['http_cal']:9.1f} {m['http_multipart']:10.1f} {m['http_small_mask']:11.1f} "
+            f"{m['plain'] / m['http']:11.2f} "
             f"{m['http_cal'] / m['http']:8.2f}"
         )
     big_jpeg, small_png = profiles["JPEG", SIZES[1]][1], profiles["PNG", SIZES[0]][1]
