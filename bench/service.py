@@ -1,19 +1,24 @@
-"""The segmentation service against in-process onnxruntime on the same image (issue 5's targets).
+"""Serving speed against the floor: each stage of a request beside the fastest way to do it (issue 16).
 
-    .venv/bin/python -m bench service                     # the target table
-    .venv/bin/python -m bench.service --variants          # also the batching / concurrency settings
+    .venv/bin/python -m bench service            # the stage table, request table and targets (~3 min)
+    .venv/bin/python -m bench service --quick    # fewer turns (~1.5 min)
+    .venv/bin/python -m bench service --variants # also the throughput of other worker / thread settings
 
-Default bundle (models/: BLDA_DEFAULT_MODEL or the first model, its highest version), one 512x1024 PNG
-street scene from the synthetic target domain. A real `blda serve` on 127.0.0.1, started here with its
-defaults, is posted the same PNG bytes with httpx. "In-process" runs the same work with no HTTP: decode
-the PNG, preprocess, onnxruntime, argmax, resize, encode the PNG mask; the session alone is shown too.
-A bundle without calibration tables gets tables fitted on its own logits of a few synthetic target
-images (pseudo-labels = argmax), so that the calibrated path can be measured; the table says so.
+Default bundle (models/: BLDA_DEFAULT_MODEL or the first model, its highest version); one synthetic street
+scene of the target domain at 512x1024, upscaled bilinearly to 1024x2048, as PNG, JPEG (quality 90) and
+WebP (quality 90): fixed inputs. A real `blda serve` with its defaults runs on 127.0.0.1.
 
-Targets: HTTP p50 / in-process p50 <= 1.20 (calibration off); calibrated / uncalibrated HTTP p50 <= 1.10;
-throughput at 8 concurrent clients >= 0.9x in-process single-stream throughput; peak extra memory of the
-calibrated decision of a 1024x2048 image <= 64 MB (tracemalloc; at the default decision size and at the
-image's full size). Decisions are the pipeline's: logits upsampled to the decision size (issue 11).
+Stage table: the service's own functions (service.imaging, service.pipeline) timed in-process beside the
+stage's floor (bench/floors.py): decoding to the model's size the fastest way Pillow offers (DCT-scaled
+JPEG, box reduction, reducing_gap), session.run alone, the argmax on the logit grid, the mask upsampled
+and encoded the fastest way (index gather or np.repeat; Pillow PNG level 1 or zlib RLE of the pixels
+alone). "HTTP + framework" is HTTP p50 minus the in-process pipeline p50, beside a GET /healthz round
+trip. The plain pipeline is the script anyone could write (bench.floors.plain_pipeline).
+
+Targets: 1024x2048 JPEG over HTTP >= 1.5x faster (p50) than the plain pipeline; 512x1024 PNG over HTTP
+<= 1.15x the plain pipeline; 16-client HTTP throughput >= 1.7x one client's (512x1024 PNG); calibrated /
+raw HTTP p50 <= 1.10 at both sizes. A bundle without calibration tables gets tables fitted on its own
+logits of a few synthetic target images (pseudo-labels = argmax), and the header says so.
 """
 
 from __future__ import annotations
@@ -29,28 +34,37 @@ import tempfile
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
 
-from bench._timing import timed
-from calibration.alignment import candidate_counts
+from bench import floors
 from calibration.bundle import CalibrationSpec, discover_bundles, load_bundle, save_bundle, version_key
 from calibration.distributions import fit_pair_gmms
-from calibration.segmentation import decision_size, upsample_bilinear
+from calibration.segmentation import resize_nearest
 from calibration.tables import build_calibration_tables
-from service.imaging import decode_image, preprocess
+from service.imaging import load_resized, normalise, open_image, preprocess
 from service.inference import ServedModel, load_served_model
-from service.pipeline import decide_for, options_from, segment_bytes
-from service.settings import ServiceSettings, available_cores
+from service.pipeline import decide_for, encode, options_from, segment_bytes
+from service.settings import ServiceSettings, auto_workers, available_cores
 
 REPO = Path(__file__).resolve().parent.parent
-HEIGHT, WIDTH = 512, 1024
+HEIGHT, WIDTH = 512, 1024  # the rendered scene
+SIZES = ((512, 1024), (1024, 2048))
+FORMATS: dict[str, dict[str, object]] = {"PNG": {}, "JPEG": {"quality": 90}, "WEBP": {"quality": 90}}
+MEDIA = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# --variants: (label, `blda serve` options, environment) of other settings, throughput only.
+VARIANTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
+    ("1 worker, 2 onnx threads (the default before)", ("--workers", "1"), {}),
+    ("1 worker, 1 onnx thread, 2 concurrent inferences", ("--workers", "1"), {
+        "BLDA_INTRA_OP_THREADS": "1", "BLDA_MAX_CONCURRENT_INFERENCES": "2"}),
+    ("1 worker, 4 CPU-pool threads", ("--workers", "1"), {"BLDA_CPU_THREADS": "4"}),
+)  # fmt: skip
 
 
 def default_bundle(models_dir: Path) -> Path:
@@ -112,7 +126,9 @@ def free_port() -> int:
 class Server:
     """`blda serve` with its defaults (access log included) on a free port; its output goes to a log file."""
 
-    def __init__(self, models_dir: Path, model: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, models_dir: Path, model: str, env: dict[str, str], options: tuple[str, ...] = ()
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         command = [
@@ -124,6 +140,7 @@ class Server:
             str(self.port),
             "--models-dir",
             str(models_dir),
+            *options,
         ]
         environment = {**os.environ, "BLDA_DEFAULT_MODEL": model, **env}
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
@@ -186,25 +203,32 @@ def server_seconds(server_timing: str) -> float:
 
 
 def http_call(
-    client: httpx.Client, data: bytes, calibrate: bool, server_s: list[float] | None = None
+    client: httpx.Client,
+    data: bytes,
+    media: str,
+    calibrate: bool,
+    multipart: bool = False,
+    mask_size: str = "image",
 ) -> Callable[[], None]:
-    """One POST of the image; the server's own stage seconds are appended to server_s."""
-    url = f"/v1/segment?calibrate={str(calibrate).lower()}"
+    """One POST of the image: a raw body of its media type, or a multipart form with a `file` part."""
+    url = f"/v1/segment?calibrate={str(calibrate).lower()}&mask_size={mask_size}"
 
     def call() -> None:
-        response = client.post(url, content=data, headers={"content-type": "image/png"})
+        if multipart:
+            response = client.post(url, files={"file": ("image", data, media)})
+        else:
+            response = client.post(url, content=data, headers={"content-type": media})
         response.raise_for_status()
-        if server_s is not None:
-            server_s.append(server_seconds(response.headers["server-timing"]))
 
     return call
 
 
 def throughputs(
-    base: str, data: bytes, clients: int, per_round: int, rounds: int, local: Callable[[], object]
+    base: str, data: bytes, media: str, clients: int, per_round: int, rounds: int
 ) -> tuple[float, float]:
-    """Images per second: (HTTP with `clients` concurrent keep-alive connections, in-process single
-    stream), measured in alternating rounds of `per_round` images each, calibration off."""
+    """Images per second over HTTP: (`clients` concurrent keep-alive connections, one client's sequential
+    stream), measured in alternating rounds of `per_round` images each, calibration off. The clients run
+    in this process, on the same cores as the server: their cost is part of both figures."""
     state = threading.local()
     opened: list[httpx.Client] = []
 
@@ -213,26 +237,26 @@ def throughputs(
         if client is None:
             client = state.client = httpx.Client(base_url=base, timeout=120)
             opened.append(client)
-        response = client.post(
-            "/v1/segment?calibrate=false", content=data, headers={"content-type": "image/png"}
-        )
-        response.raise_for_status()
+        client.post(
+            "/v1/segment?calibrate=false", content=data, headers={"content-type": media}
+        ).raise_for_status()
 
-    http_s = local_s = 0.0
-    with ThreadPoolExecutor(clients) as pool:
+    many_s = one_s = 0.0
+    with ThreadPoolExecutor(clients) as pool, ThreadPoolExecutor(1) as single:
         list(pool.map(post, range(clients * 2)))  # connections open, warm
+        list(single.map(post, range(2)))
         for _ in range(rounds):
             start = time.perf_counter()
             list(pool.map(post, range(per_round)))
-            http_s += time.perf_counter() - start
-            time.sleep(0.1)
+            many_s += time.perf_counter() - start
+            time.sleep(0.2)  # observers of the last requests finish
             start = time.perf_counter()
-            for _ in range(per_round):
-                local()
-            local_s += time.perf_counter() - start
+            list(single.map(post, range(per_round)))
+            one_s += time.perf_counter() - start
+            time.sleep(0.2)
     for client in opened:
         client.close()
-    return rounds * per_round / http_s, rounds * per_round / local_s
+    return rounds * per_round / many_s, rounds * per_round / one_s
 
 
 def decision_memory(
@@ -253,132 +277,216 @@ def decision_memory(
     return peak, (int(made.raw.shape[0]), int(made.raw.shape[1]))
 
 
-def ms(values: np.ndarray) -> str:
-    return f"{np.median(values) * 1000:.1f}"
+def p50(values: np.ndarray) -> float:
+    return float(np.median(values)) * 1000
+
+
+def test_images() -> dict[tuple[str, tuple[int, int]], bytes]:
+    """One synthetic street scene (512 x 1024, upscaled bilinearly to 1024 x 2048) in each format."""
+    scene = street_scene(seed=7)
+    images = {}
+    for size in SIZES:
+        rgb = Image.fromarray(scene).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        for fmt, save in FORMATS.items():
+            buffer = io.BytesIO()
+            rgb.save(buffer, format=fmt, **save)
+            images[fmt, size] = buffer.getvalue()
+    return images
+
+
+@dataclass(frozen=True)
+class StageRow:
+    stage: str
+    ours_ms: float
+    floor_ms: float | None
+    floor_by: str
+
+
+def fastest(measured: dict[str, np.ndarray], ways: Mapping[str, object]) -> tuple[float, str]:
+    """The fastest of the named ways (p50 ms) and its name."""
+    best = min(ways, key=lambda name: p50(measured[name]))
+    return p50(measured[best]), best
+
+
+def stage_profile(
+    model: ServedModel, data: bytes, settings: ServiceSettings, repeats: int
+) -> tuple[list[StageRow], dict[str, float]]:
+    """In-process stage times of the service's own functions beside each stage's floor (bench.floors),
+    measured in interleaved turns. The rows and the p50s (ms) of a few single measures."""
+    opts = options_from(settings, False, model.tau_default)
+    cal_opts = options_from(settings, True, model.tau_default)
+    size = open_image(data, opts.max_pixels).size
+    in_size = model.input_size(*size)
+    resized = load_resized(open_image(data, opts.max_pixels), in_size, opts.scaled_decode)  # (h, w, 3)
+    tensor = normalise(resized, model.norm)
+    logits = model.run(tensor)[0]  # (C, h, w)
+    decision = decide_for(model, logits, size, opts)
+    full_mask = resize_nearest(decision.served, *size)
+    decode_ways_ = {f"decode: {k}": v for k, v in floors.decode_ways(data, in_size).items()}
+    upsample_ways_ = {f"upsample: {k}": v for k, v in floors.upsample_ways(decision.served, size).items()}
+    encode_ways_ = {f"encode: {k}": v for k, v in floors.encode_ways(full_mask, model.palette).items()}
+    ours: dict[str, Callable[[], object]] = {
+        "decode": lambda: load_resized(open_image(data, opts.max_pixels), in_size, opts.scaled_decode),
+        "normalise": lambda: normalise(resized, model.norm),
+        "infer": lambda: model.run(tensor),
+        "decide": lambda: decide_for(model, logits, size, opts),
+        "decide calibrated": lambda: decide_for(model, logits, size, cal_opts),
+        "upsample + encode": lambda: encode(model, decision, size, opts),
+        "argmax on the logit grid": lambda: logits.argmax(axis=0).astype(np.uint8),
+    }
+    measured = interleaved({**ours, **decode_ways_, **upsample_ways_, **encode_ways_}, repeats, settle_s=0.0)
+    decode_floor, decode_by = fastest(measured, decode_ways_)
+    up_floor, up_by = fastest(measured, upsample_ways_)
+    enc_floor, enc_by = fastest(measured, encode_ways_)
+    m = {name: p50(values) for name, values in measured.items()}
+    rows = [
+        StageRow("decode to the model's size", m["decode"], decode_floor, decode_by.split(": ")[1]),
+        StageRow("normalise", m["normalise"], None, ""),
+        StageRow("infer", m["infer"], m["infer"], "session.run alone"),
+        StageRow(
+            "decide (raw, upsampled logits)",
+            m["decide"],
+            m["argmax on the logit grid"],
+            "argmax on the logit grid",
+        ),
+        StageRow("decide calibrated", m["decide calibrated"], m["decide"], "the raw decision"),
+        StageRow(
+            "upsample + encode (PNG)",
+            m["upsample + encode"],
+            up_floor + enc_floor,
+            f"{up_by.split(': ')[1]} + {enc_by.split(': ')[1]}",
+        ),
+    ]
+    return rows, m
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
-    parser.add_argument("--requests", type=int, default=40, help="sequential requests per latency row")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=20, help="interleaved turns per measure")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds")
     parser.add_argument(
-        "--rounds", type=int, default=4, help="alternating throughput rounds (4 x clients images each)"
+        "--variants", action="store_true", help="also the throughput of other worker / thread settings"
     )
-    parser.add_argument(
-        "--variants", action="store_true", help="also measure batching / concurrency settings"
-    )
-    parser.add_argument("--quick", action="store_true", help="15 requests per row, 2 throughput rounds")
+    parser.add_argument("--quick", action="store_true", help="8 turns per measure, 2 throughput rounds")
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.rounds = 15, 2
+        args.repeats, args.rounds = 8, 2
 
     bundle_dir = default_bundle(args.models_dir)
     settings = ServiceSettings()
     threads = settings.onnx_threads()
-    data = png(street_scene(seed=7))
+    images = test_images()
     with tempfile.TemporaryDirectory(prefix="blda-bench-") as tmp:
         models_dir, tables_note = staged_models(bundle_dir, Path(tmp), threads)
         staged = models_dir / bundle_dir.parent.name / bundle_dir.name
         model = load_served_model(staged, threads)
-        rgb = decode_image(data, settings.max_image_pixels)
-        tensor = preprocess(rgb, model.input_size(HEIGHT, WIDTH), model.norm)
-        assert model.bundle.tables is not None
-        logits = model.run(tensor)[0]
-        counts = candidate_counts(logits, model.bundle.tables.shifts, model.tau_default)
-        size = decision_size((HEIGHT, WIDTH), model.input_size(HEIGHT, WIDTH), settings.decision_scale)
-        up_counts = candidate_counts(
-            upsample_bilinear(logits, size), model.bundle.tables.shifts, model.tau_default
-        )
-        bound_note = f"{(counts == 1).mean():.0%} of logit pixels decided by the exact bound, " \
-            f"{counts.mean():.1f} hypotheses per pixel; at the decision size {size[0]}x{size[1]}: " \
-            f"{(up_counts == 1).mean():.1%}, {up_counts.mean():.2f} hypotheses per pixel"  # fmt: skip
         memory = [decision_memory(model, settings, scale) for scale in (settings.decision_scale, 8.0)]
-
         # In-process calls run on a worker thread, as the server runs them: the comparison is then about HTTP.
         worker = ThreadPoolExecutor(1)
 
-        def local(calibrate: bool) -> Callable[[], object]:
-            return lambda: worker.submit(in_process, model, data, calibrate, settings).result()
+        def on_worker(fn: Callable[..., object], *a: object) -> Callable[[], object]:
+            return lambda: worker.submit(fn, *a).result()
 
-        stages_s: list[float] = []
+        profiles: dict[tuple[str, tuple[int, int]], tuple[list[StageRow], dict[str, float]]] = {}
         with (
             Server(models_dir, model.name, {}) as server,
             httpx.Client(base_url=server.base, timeout=60) as client,
         ):
-            measured = interleaved(
-                {
-                    "session": lambda: worker.submit(model.run, tensor).result(),
-                    "local_raw": local(False),
-                    "local_cal": local(True),
-                    "http_raw": http_call(client, data, False, stages_s),
-                    "http_cal": http_call(client, data, True),
-                },
-                args.requests,
+            for (fmt, size), data in images.items():
+                media = MEDIA[fmt]
+                rows, m = stage_profile(model, data, settings, args.repeats)
+                measured = interleaved(
+                    {
+                        "plain": on_worker(floors.plain_pipeline, model, data),
+                        "local": on_worker(in_process, model, data, False, settings),
+                        "local_cal": on_worker(in_process, model, data, True, settings),
+                        "http": http_call(client, data, media, False),
+                        "http_cal": http_call(client, data, media, True),
+                        "http_multipart": http_call(client, data, media, False, multipart=True),
+                        "http_small_mask": http_call(client, data, media, False, mask_size="decision"),
+                        "ping": lambda: client.get("/healthz").raise_for_status(),
+                    },
+                    args.repeats,
+                )
+                m.update({name: p50(values) for name, values in measured.items()})
+                rows.append(StageRow("HTTP + framework", m["http"] - m["local"], m["ping"], "GET /healthz"))
+                rows.append(
+                    StageRow(
+                        "request (HTTP, raw body)", m["http"], m["plain"], "the plain in-process pipeline"
+                    )
+                )
+                profiles[fmt, size] = rows, m
+            png_small = images["PNG", SIZES[0]]
+            rate, single = throughputs(
+                server.base, png_small, "image/png", args.clients, 4 * args.clients, args.rounds
             )
-            throughput, local_throughput = throughputs(
-                server.base,
-                data,
-                args.clients,
-                4 * args.clients,
-                args.rounds,
-                local(False),
-            )
-        session_only, local_raw, local_cal = measured["session"], measured["local_raw"], measured["local_cal"]
-        http_raw, http_cal = measured["http_raw"], measured["http_cal"]
         variants = []
         if args.variants:
-            for label, env in (
-                ("batch 4, wait 5 ms", {"BLDA_BATCH_MAX_SIZE": "4", "BLDA_BATCH_MAX_WAIT_MS": "5"}),
-                ("2 concurrent inferences", {"BLDA_MAX_CONCURRENT_INFERENCES": "2"}),
-                ("2 concurrent inferences, 1 onnx thread", {
-                    "BLDA_MAX_CONCURRENT_INFERENCES": "2", "BLDA_INTRA_OP_THREADS": "1"}),
-            ):  # fmt: skip
-                with Server(models_dir, model.name, env) as server:
-                    with httpx.Client(base_url=server.base, timeout=60) as client:
-                        p50 = ms(timed(http_call(client, data, False), max(10, args.requests // 2)))
-                    rate, local_rate = throughputs(
-                        server.base,
-                        data,
-                        args.clients,
-                        4 * args.clients,
-                        2,
-                        local=local(False),
+            for label, cli, env in VARIANTS:
+                with Server(models_dir, model.name, env, cli) as server:
+                    rate_v, single_v = throughputs(
+                        server.base, png_small, "image/png", args.clients, 4 * args.clients, 2
                     )
-                    variants.append((label, p50, rate / local_rate))
+                    variants.append((label, rate_v, single_v))
 
-    raw_ratio = float(np.median(http_raw) / np.median(local_raw))
-    cal_ratio = float(np.median(http_cal) / np.median(http_raw))
-    tp_ratio = throughput / local_throughput
-    print(f"bundle {model.name}/{model.version} ({'trained' if model.bundle.manifest.provenance.trained else 'UNTRAINED'})"
-          f", input {HEIGHT}x{WIDTH} PNG ({len(data) // 1024} KiB), model input {tensor.shape[2]}x{tensor.shape[3]}, "
-          f"{threads} onnxruntime threads, {available_cores()} cores\ncalibration tables: {tables_note}; {bound_note}")  # fmt: skip
-    print(f"{'measure':<58} {'value':>10}  target")
-    rows = [
-        ("in-process onnxruntime session.run alone, p50 ms", ms(session_only), ""),
-        ("in-process pipeline (decode..encode), calibrate off, p50 ms", ms(local_raw), ""),
-        ("in-process pipeline, calibrate on, p50 ms", ms(local_cal), ""),
-        ("HTTP, calibrate off, p50 ms", ms(http_raw), ""),
-        ("HTTP, calibrate on, p50 ms", ms(http_cal), ""),
-        ("HTTP, calibrate off: server stages (Server-Timing), p50 ms", ms(np.array(stages_s[3:])), ""),
-        ("HTTP / in-process p50 (calibrate off)", f"{raw_ratio:.3f}", "<= 1.20"),
-        (
-            "HTTP / session.run alone p50 (for reference)",
-            f"{np.median(http_raw) / np.median(session_only):.3f}",
-            "",
-        ),
-        ("HTTP calibrated / uncalibrated p50", f"{cal_ratio:.3f}", "<= 1.10"),
-        ("in-process single-stream throughput (pipeline), img/s", f"{local_throughput:.1f}", ""),
-        (f"HTTP throughput, {args.clients} clients, img/s", f"{throughput:.1f}", ""),
-        (f"HTTP {args.clients}-client / in-process throughput", f"{tp_ratio:.3f}", ">= 0.90"),
+    print(
+        f"bundle {model.name}/{model.version} ({'trained' if model.bundle.manifest.provenance.trained else 'UNTRAINED'}), "
+        f"model input {model.input_size(*SIZES[0])}, in-process {threads} onnxruntime threads, {available_cores()} cores, "
+        f"server: `blda serve` defaults ({auto_workers(available_cores())} workers); calibration tables: {tables_note}"
+    )
+    print(
+        "\nstage p50 ms, in-process (the service's own functions) beside the stage's floor; HTTP rows over 127.0.0.1"
+    )
+    print(f"{'image':<16} {'stage':<32} {'ours':>7} {'floor':>7} {'ratio':>6}  floor by")
+    for (fmt, size), (rows, _) in profiles.items():
+        for row in rows:
+            floor = f"{row.floor_ms:7.2f}" if row.floor_ms is not None else f"{'':>7}"
+            ratio = f"{row.ours_ms / row.floor_ms:6.2f}" if row.floor_ms else f"{'':>6}"
+            print(
+                f"{fmt + f' {size[0]}x{size[1]}':<16} {row.stage:<32} {row.ours_ms:7.2f} {floor} {ratio}  {row.floor_by}"
+            )
+    print(
+        "\nrequest p50 ms: plain = bench.floors.plain_pipeline in-process; in-proc = service.pipeline in-process; "
+        "HTTP = raw body, calibrate=false; multipart = a form; small mask = mask_size=decision"
+    )
+    print(
+        f"{'image':<16} {'plain':>7} {'in-proc':>8} {'HTTP':>7} {'HTTP cal':>9} {'multipart':>10} "
+        f"{'small mask':>11} {'plain/HTTP':>11} {'cal/raw':>8}"
+    )
+    for (fmt, size), (_, m) in profiles.items():
+        print(
+            f"{fmt + f' {size[0]}x{size[1]}':<16} {m['plain']:7.1f} {m['local']:8.1f} {m['http']:7.1f} "
+            f"{m['http_cal']:9.1f} {m['http_multipart']:10.1f} {m['http_small_mask']:11.1f} "
+            f"{m['plain'] / m['http']:11.2f} "
+            f"{m['http_cal'] / m['http']:8.2f}"
+        )
+    big_jpeg, small_png = profiles["JPEG", SIZES[1]][1], profiles["PNG", SIZES[0]][1]
+    targets = [
+        ("1024x2048 JPEG: plain in-process / HTTP p50", big_jpeg["plain"] / big_jpeg["http"], ">= 1.50"),
+        ("512x1024 PNG: HTTP / plain in-process p50", small_png["http"] / small_png["plain"], "<= 1.15"),
+        (f"{args.clients}-client / single-stream HTTP throughput", rate / single, ">= 1.70"),
     ]
+    for size in SIZES:
+        m = profiles["PNG", size][1]
+        targets.append(
+            (f"{size[0]}x{size[1]} PNG: HTTP calibrated / raw p50", m["http_cal"] / m["http"], "<= 1.10")
+        )
+    print(f"\n{'target':<58} {'value':>7}  target")
+    for label, value, target in targets:
+        print(f"{label:<58} {value:7.2f}  {target}")
+    print(
+        f"HTTP throughput, 512x1024 PNG: {rate:.1f} img/s with {args.clients} clients, {single:.1f} img/s single-stream"
+    )
     for (peak, (dh, dw)), scale in zip(memory, (settings.decision_scale, 8.0), strict=True):
-        label = f"1024x2048 calibrated decision, scale {scale:g} ({dh}x{dw}): peak extra MB"
-        rows.append((label, f"{peak / 2**20:.1f}", "<= 64"))
-    for label, value, target in rows:
-        print(f"{label:<58} {value:>10}  {target}")
-    for label, p50, ratio in variants:
-        print(f"variant {label:<50} p50 {p50} ms, {args.clients}-client / in-process throughput {ratio:.2f}")
+        print(
+            f"1024x2048 calibrated decision, scale {scale:g} ({dh}x{dw}): peak extra {peak / 2**20:.1f} MB (<= 64)"
+        )
+    for label, rate_v, single_v in variants:
+        print(
+            f"variant {label:<48} {rate_v:6.1f} img/s, single-stream {single_v:5.1f}: {rate_v / single_v:.2f}x"
+        )
 
 
 if __name__ == "__main__":

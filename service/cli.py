@@ -14,9 +14,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
+
+if TYPE_CHECKING:
+    from service.settings import ServiceSettings
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -85,7 +88,12 @@ def prepare_state(workers: int, environ: dict[str, str] | os._Environ[str]) -> P
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=64, help="Worker processes [default: BLDA_WORKERS, else one per core, at most 8]."
+        ),
+    ] = None,
     models_dir: Annotated[
         Path | None,
         typer.Option(help="Directory of bundles <name>/<version>/ [default: settings, else ./models]"),
@@ -107,7 +115,8 @@ def serve(
         os.environ[SETTINGS_FILE_ENV] = str(settings_file.resolve())
     if models_dir is not None:
         os.environ["BLDA_MODELS_DIR"] = str(models_dir.resolve())
-    os.environ["BLDA_WORKERS"] = str(workers)
+    if workers is not None:
+        os.environ["BLDA_WORKERS"] = str(workers)
     try:
         settings = load_settings()
     except SettingsFileError as exc:
@@ -116,6 +125,9 @@ def serve(
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise _fail(f"setting {field}: {first['msg']}, got {first.get('input')!r}") from None
+    workers = serve_workers(workers, settings)
+    # Every worker builds its settings from the environment: they must agree on how many there are.
+    os.environ["BLDA_WORKERS"] = str(workers)
     if not settings.models_dir.is_dir():
         raise _fail(
             f"--models-dir: expected a directory of bundles, got {settings.models_dir} (not a directory)"
@@ -147,6 +159,18 @@ def serve(
         for made in (multiproc_dir, state_dir):
             if made is not None:
                 shutil.rmtree(made, ignore_errors=True)
+
+
+def serve_workers(option: int | None, settings: ServiceSettings) -> int:
+    """--workers, else the settings' workers when set (BLDA_WORKERS, the settings file), else one per
+    core (service.settings.auto_workers)."""
+    from service.settings import auto_workers, available_cores
+
+    if option is not None:
+        return option
+    if "workers" in settings.model_fields_set:
+        return settings.workers
+    return auto_workers(available_cores())
 
 
 @app.command("predict")

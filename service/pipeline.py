@@ -15,12 +15,21 @@ from typing import Any
 
 import numpy as np
 
-from calibration.segmentation import DEFAULT_DECISION_SCALE, decide, decision_size, resize_nearest
-from service.imaging import class_counts, decode_image, encode_png_mask, preprocess, run_length_encode
+from calibration.segmentation import DEFAULT_DECISION_SCALE, decide, decision_size
+from service.imaging import (
+    class_counts,
+    encode_png_mask,
+    load_resized,
+    normalise,
+    open_image,
+    resize_weights,
+    run_length_encode,
+)
 from service.inference import ServedModel
 from service.settings import ServiceSettings
 
 FORMATS = ("png", "json")
+MASK_SIZES = ("image", "decision")
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,8 @@ class SegmentOptions:
     decision_scale: float = DEFAULT_DECISION_SCALE
     band_pixels: int = 65536
     png_level: int = 1
+    scaled_decode: bool = True  # JPEG: decode at the model's scale when it is at most half the image
+    mask_at: str = "image"  # "image": the mask at the image's size; "decision": at the decision size
     raw_mask: bool = False  # json: the raw decision's mask too, beside the served one
     json_head: dict[str, Any] = field(default_factory=dict)  # leading fields of the JSON body
 
@@ -71,16 +82,23 @@ def options_from(
         decision_scale=settings.decision_scale,
         band_pixels=settings.calibration_chunk_pixels,
         png_level=settings.png_compress_level,
+        scaled_decode=settings.scaled_decode,
         raw_mask=raw_mask,
         json_head=dict(json_head or {}),
     )
 
 
-def decode(model: ServedModel, data: bytes, max_pixels: int) -> tuple[tuple[int, int], np.ndarray]:
-    """bytes -> (H, W) of the image and the (1, 3, h, w) model input."""
-    rgb = decode_image(data, max_pixels)  # (H, W, 3) uint8
-    height, width = rgb.shape[:2]
-    return (height, width), preprocess(rgb, model.input_size(height, width), model.norm)
+def decode(
+    model: ServedModel, data: bytes, max_pixels: int, scaled: bool = True
+) -> tuple[tuple[int, int], np.ndarray]:
+    """bytes -> (H, W) of the image and the (1, 3, h, w) model input.
+
+    With ``scaled``, a decoder that can (JPEG) decodes at the smallest scale >= the model input when that
+    input is at most half the image: 1/8 of the pixels for a 1024 x 2048 JPEG into a 128 x 256 input, the
+    accuracy unchanged (`python -m bench decode_scaling`)."""
+    opened = open_image(data, max_pixels)
+    size = model.input_size(*opened.size)
+    return opened.size, normalise(load_resized(opened, size, scaled), model.norm)
 
 
 def decide_for(
@@ -98,40 +116,48 @@ def decide_for(
     return Decision(made.raw, made.calibrated[0], made.raw_logit, made.calibrated_logit[0])
 
 
-def _rle(mask: np.ndarray) -> dict[str, Any]:
-    values, lengths = run_length_encode(mask)
+def _rle(mask: np.ndarray, size: tuple[int, int]) -> dict[str, Any]:
+    values, lengths = run_length_encode(mask, size)
     return {
         "encoding": "rle-row-major",
-        "size": [int(mask.shape[0]), int(mask.shape[1])],
+        "size": [int(size[0]), int(size[1])],
         "values": values.tolist(),
         "lengths": lengths.tolist(),
     }
 
 
 def encode(model: ServedModel, decision: Decision, size: tuple[int, int], opts: SegmentOptions) -> bytes:
-    """Decisions -> the response body at the image's size (H', W') -> (H, W) nearest."""
-    full = resize_nearest(decision.served, *size)
+    """Decisions -> the response body at the image's size (H', W') -> (H, W) nearest.
+
+    The (H, W) masks are never made: the PNG rows, the runs and the pixel counts are computed from the
+    decisions at (H', W') (service.imaging), 16 times fewer pixels for a 1024 x 2048 image. With
+    ``mask_at="decision"`` the masks stay at (H', W') (the client resizes them; class counts and changed
+    pixels are still of the image's pixels)."""
+    served = decision.served
+    if opts.mask_at not in MASK_SIZES:
+        raise ValueError(f"mask_at: expected one of {list(MASK_SIZES)}, got {opts.mask_at!r}")
+    mask_size = size if opts.mask_at == "image" else (int(served.shape[0]), int(served.shape[1]))
     if opts.output == "png":
-        return encode_png_mask(full, model.palette, opts.png_level)
+        return encode_png_mask(served, model.palette, opts.png_level, mask_size)
     classes = model.bundle.manifest.class_names
+    weights = resize_weights(served.shape, size)  # (H', W') image pixels per decision pixel
 
     def counts(mask: np.ndarray) -> dict[str, int]:
-        return {name: int(n) for name, n in zip(classes, class_counts(mask, len(classes)), strict=True)}
+        per_class = class_counts(mask, len(classes), weights)
+        return {name: int(n) for name, n in zip(classes, per_class, strict=True)}
 
-    body: dict[str, Any] = {**opts.json_head, "classes": classes, "class_counts": counts(full)}
-    body["decision_size"] = [int(decision.served.shape[0]), int(decision.served.shape[1])]
+    body: dict[str, Any] = {**opts.json_head, "classes": classes, "class_counts": counts(served)}
+    body["decision_size"] = [int(served.shape[0]), int(served.shape[1])]
     if decision.calibrated is not None:
-        raw_full = resize_nearest(decision.raw, *size)
-        body["raw_class_counts"] = counts(raw_full)
+        body["raw_class_counts"] = counts(decision.raw)
         # At the image's size, as the masks the client gets: what the demo page shows as changed.
-        body["changed_pixels"] = int(np.count_nonzero(raw_full != full))
+        body["changed_pixels"] = int(weights[decision.raw != served].sum())
     else:
-        raw_full = full
         body["raw_class_counts"] = body["class_counts"]
         body["changed_pixels"] = None
-    body["mask"] = _rle(full)
+    body["mask"] = _rle(served, mask_size)
     if opts.raw_mask:
-        body["raw_mask"] = _rle(raw_full)
+        body["raw_mask"] = _rle(decision.raw, mask_size)
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -151,7 +177,7 @@ def segment_bytes(
 ) -> Segmented:
     """Every stage in the calling thread; ``run(model, (1, 3, h, w)) -> (1, C, h', w')`` defaults to the
     model's own session (the service passes its concurrency-limited runner)."""
-    size, image = decode(model, data, opts.max_pixels)
+    size, image = decode(model, data, opts.max_pixels, opts.scaled_decode)
     logits = (run(model, image) if run is not None else model.run(image))[0]  # (C, h, w)
     decision = decide_for(model, logits, size, opts)
     return Segmented(size, logits, decision, encode(model, decision, size, opts))

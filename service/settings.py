@@ -39,6 +39,22 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+# `blda serve` without --workers (nor BLDA_WORKERS): one worker per core, at most this many (each worker
+# holds its own copy of every bundle).
+AUTO_WORKERS_MAX = 8
+
+
+def auto_workers(cores: int) -> int:
+    """Worker processes for ``cores`` CPU cores: one per core, each with one onnxruntime thread.
+
+    Measured on 2 cores (`python -m bench service --variants`): a request costs more CPU than its
+    latency (telemetry and the Prometheus histograms run after the response; the GIL serialises the
+    Python parts of decoding, deciding and HTTP), so one process with two onnxruntime threads cannot use
+    both cores under load, and two processes can.
+    """
+    return max(1, min(cores, AUTO_WORKERS_MAX))
+
+
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BLDA_", extra="forbid", validate_default=True)
 
@@ -56,7 +72,8 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
 
-    # Processes uvicorn runs; onnxruntime threads default to cores // workers so workers do not fight.
+    # Processes uvicorn runs (`blda serve` without --workers nor this: auto_workers(cores)); onnxruntime
+    # threads default to cores // workers so workers do not fight.
     workers: int = Field(default=1, ge=1)
     intra_op_threads: int | None = Field(default=None, ge=1)
     # "auto" uses CUDA when a session really runs on it, "cpu" never tries.
@@ -114,6 +131,11 @@ class ServiceSettings(BaseSettings):
     # zlib level of the PNG masks: palette masks compress well even at 1, and 1 is several times faster
     # than the default 6.
     png_compress_level: int = Field(default=1, ge=0, le=9)
+    # JPEG uploads are decoded at reduced scale (libjpeg's DCT scaling, 1/2 to 1/8) down to the smallest
+    # size at least the model's input when that input is at most half the image: a 1024 x 2048 JPEG
+    # decodes in ~2 ms instead of ~9 plus a ~8 ms resize, with no loss of accuracy measured
+    # (`python -m bench decode_scaling`). False: always decode at full size.
+    scaled_decode: bool = True
     # Pixels of decision processed at once, raw and calibrated (bounds the working memory: the upsampled
     # logits of one band, C x this x 4 bytes).
     calibration_chunk_pixels: int = Field(default=65536, ge=1024)

@@ -151,6 +151,25 @@ def test_the_shortcut_gives_the_full_paths_decisions_bit_for_bit(seed: int) -> N
     np.testing.assert_array_equal(plain.raw, decide(cases[0], (36, 52), shortcut=False).raw)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_raw_decision_alone_gives_the_full_paths_bit_for_bit(seed: int) -> None:
+    """Raw only (no tau, the uncalibrated request): the same argmax and winning logit as upsampling every
+    pixel, ties (integer logits) included: the lowest tied class wins in both."""
+    rng = np.random.default_rng(seed)
+    cases = [
+        smooth_logits(rng, 7, 9, 13),
+        smooth_logits(rng, 19, 8, 16, slope=0.1),
+        np.round(random_logits(rng, 7, 6, 7, spread=1.0)),
+        np.round(random_logits(rng, 5, 6, 7, spread=0.3)),  # many exact ties
+    ]
+    for logits in cases:
+        for size in [(36, 52), (17, 29), (9, 13), (64, 100)]:
+            fast = decide(logits, size, band_pixels=7 * size[1])
+            full = decide(logits, size, shortcut=False)
+            np.testing.assert_array_equal(fast.raw, full.raw)
+            np.testing.assert_array_equal(fast.raw_logit, full.raw_logit)
+
+
 def test_the_shortcut_settles_most_pixels_of_smooth_logits() -> None:
     """Not a correctness property: the reason for the shortcut (few pixels near boundaries are upsampled)."""
     rng = np.random.default_rng(9)

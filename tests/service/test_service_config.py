@@ -15,8 +15,8 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from service.batching import MicroBatcher
-from service.cli import MULTIPROC_ENV, prepare_multiprocess_dir
-from service.settings import ServiceSettings, SettingsFileError, load_settings
+from service.cli import MULTIPROC_ENV, prepare_multiprocess_dir, serve_workers
+from service.settings import ServiceSettings, SettingsFileError, auto_workers, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,6 +60,20 @@ def test_threads_follow_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ServiceSettings(workers=4).onnx_threads() == 4
     assert ServiceSettings(workers=32).onnx_threads() == 1
     assert ServiceSettings(workers=4, intra_op_threads=2).onnx_threads() == 2
+
+
+def test_serve_runs_one_worker_per_core_unless_told(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--workers, else BLDA_WORKERS or the settings file, else one per core (at most 8)."""
+    assert [auto_workers(n) for n in (1, 2, 3, 8, 64)] == [1, 2, 3, 8, 8]
+    monkeypatch.setattr("service.settings.available_cores", lambda: 2)
+    monkeypatch.delenv("BLDA_WORKERS", raising=False)
+    assert serve_workers(None, load_settings()) == 2
+    assert serve_workers(1, load_settings()) == 1
+    (tmp_path / "s.toml").write_text("workers = 3\n")
+    assert serve_workers(None, load_settings(tmp_path / "s.toml")) == 3
+    monkeypatch.setenv("BLDA_WORKERS", "1")
+    assert serve_workers(None, load_settings()) == 1  # an explicit 1 is not "unset"
+    assert ServiceSettings(workers=2).onnx_threads() == 1  # each of the two workers: one thread
 
 
 def test_admin_key_is_secret() -> None:

@@ -19,11 +19,18 @@ from service.imaging import (
     class_counts,
     decode_image,
     encode_png_mask,
+    load_resized,
+    load_rgb,
+    mask_scanlines,
     model_input_size,
+    open_image,
     palette_bytes,
     preprocess,
     resize_nearest,
+    resize_rgb,
+    resize_weights,
     run_length_encode,
+    scaled_decode_size,
 )
 
 RGB = scene(40, 60, seed=3)
@@ -160,3 +167,120 @@ def test_png_mask_round_trips_with_palette() -> None:
     palette = np.array(image.getpalette()[: 19 * 3], dtype=np.uint8).reshape(19, 3)  # type: ignore[index]
     assert np.array_equal(palette, colors)
     assert np.array_equal(class_counts(mask, 19), [(mask == c).sum() for c in range(19)])
+
+
+BIG = scene(128, 192, seed=5)
+
+
+def box_reduce(rgb: np.ndarray, k: int) -> np.ndarray:
+    """(H, W, 3) -> (H / k, W / k, 3): the mean of each k x k block, what a 1/k DCT scaling approximates."""
+    h, w = rgb.shape[0] // k, rgb.shape[1] // k
+    return rgb[: h * k, : w * k].reshape(h, k, w, k, 3).astype(np.float64).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize(("at_least", "factor"), [((16, 24), 8), ((30, 45), 4), ((64, 96), 2), ((65, 96), 1)])
+def test_jpeg_decodes_at_the_smallest_scale_at_least_the_asked_size(
+    at_least: tuple[int, int], factor: int
+) -> None:
+    data = encode(Image.fromarray(BIG), "JPEG", quality=95)
+    decoded = decode_image(data, 10**6, at_least)
+    assert decoded.shape == (128 // factor, 192 // factor, 3)
+    # The scaled decode is the image seen at that scale: close to the k x k block means of the full decode.
+    full = decode_image(data, 10**6).astype(np.float64)
+    assert np.abs(decoded - box_reduce(full, factor)).mean() < 6
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_formats_without_a_scaling_decoder_decode_at_full_size(fmt: str) -> None:
+    data = encode(Image.fromarray(BIG), fmt)
+    assert decode_image(data, 10**6, (16, 24)).shape == (128, 192, 3)
+
+
+def test_scaled_decode_follows_the_exif_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display: the upright image is 192 x 128
+    data = encode(Image.fromarray(BIG), "JPEG", quality=95, exif=exif.tobytes())
+    opened = open_image(data, 10**6)
+    assert opened.size == (192, 128)
+    # Half the upright size on each side is asked in upright terms: (96, 64), a 1/2 decode of the stored image.
+    decoded = load_rgb(opened, (96, 64))
+    assert decoded.shape == (96, 64, 3)
+    expected = box_reduce(np.rot90(BIG, k=-1), 2)
+    assert np.abs(decoded - expected).mean() < 8
+
+
+def test_scaled_decode_only_past_half_on_both_sides() -> None:
+    assert scaled_decode_size((1024, 2048), (128, 256)) == (128, 256)
+    assert scaled_decode_size((256, 512), (128, 256)) == (128, 256)
+    assert scaled_decode_size((255, 2048), (128, 256)) is None
+    assert scaled_decode_size((1024, 511), (128, 256)) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    mask=arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 12)), elements=st.integers(0, 18)),
+    height=st.integers(1, 50),
+    width=st.integers(1, 50),
+)
+def test_png_mask_at_a_size_is_the_nearest_resize(mask: np.ndarray, height: int, width: int) -> None:
+    data = encode_png_mask(mask, palette_bytes(np.zeros((19, 3), np.uint8)), 1, (height, width))
+    image = Image.open(io.BytesIO(data))
+    assert image.mode == "P" and image.size == (width, height)
+    assert np.array_equal(np.asarray(image), nearest_reference(mask, height, width))
+    lines = mask_scanlines(mask, (height, width))
+    assert np.all(lines[:, 0] == 0) and np.array_equal(lines[:, 1:], nearest_reference(mask, height, width))
+
+
+@pytest.mark.parametrize("level", [0, 1, 9])
+def test_png_mask_is_a_valid_png_with_checksums(level: int) -> None:
+    mask = np.repeat(np.arange(19, dtype=np.uint8), 40).reshape(19, 40)
+    data = encode_png_mask(mask, palette_bytes(np.zeros((19, 3), np.uint8)), level)
+    Image.open(io.BytesIO(data)).verify()  # chunk CRCs
+    image = Image.open(io.BytesIO(data))
+    image.load()  # the zlib stream's own checksum
+    assert np.array_equal(np.asarray(image), mask)
+
+
+def runs_reference(mask: np.ndarray) -> tuple[list[int], list[int]]:
+    """Runs of the row-major flattened mask, one pixel at a time."""
+    values: list[int] = []
+    lengths: list[int] = []
+    for value in mask.ravel().tolist():
+        if values and values[-1] == value:
+            lengths[-1] += 1
+        else:
+            values.append(value)
+            lengths.append(1)
+    return values, lengths
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    mask=arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9)), elements=st.integers(0, 2)),
+    height=st.integers(1, 30),
+    width=st.integers(1, 30),
+)
+def test_runs_of_the_resized_mask_without_resizing_it(mask: np.ndarray, height: int, width: int) -> None:
+    """Against the runs of the mask resized first (shrinks included, where source pixels are skipped)."""
+    full = nearest_reference(mask, height, width)
+    values, lengths = run_length_encode(mask, (height, width))
+    expected_values, expected_lengths = runs_reference(full)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(lengths, expected_lengths)
+    weights = resize_weights(mask.shape, (height, width))
+    np.testing.assert_array_equal(class_counts(mask, 3, weights), class_counts(full, 3))
+
+
+@pytest.mark.parametrize(("fmt", "orientation"), [("PNG", 1), ("JPEG", 1), ("JPEG", 6), ("WEBP", 8)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_decoding_to_a_size_is_decoding_then_resizing(fmt: str, orientation: int, scaled: bool) -> None:
+    """The image kept in Pillow until it is small: the same pixels as the two steps through numpy."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(BIG), fmt, exif=exif.tobytes())
+    size = open_image(data, 10**6).size
+    target = (size[0] // 4 - 3, size[1] // 4 + 1)  # not a power-of-two reduction: the resize runs
+    expected = resize_rgb(load_rgb(open_image(data, 10**6), target if scaled else None), target)
+    got = load_resized(open_image(data, 10**6), target, scaled)
+    assert got.shape == (*target, 3)
+    np.testing.assert_array_equal(got, expected)

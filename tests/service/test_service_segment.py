@@ -28,7 +28,7 @@ from service_helpers import (
 
 from calibration.alignment import calibrated_decision
 from calibration.bundle import load_bundle
-from calibration.segmentation import upsample_bilinear
+from calibration.segmentation import resize_nearest, upsample_bilinear
 from service.app import create_app
 from service.records import SegmentationRecord
 
@@ -193,6 +193,28 @@ def test_decisions_are_made_above_the_logit_grid(tmp_path: Path, make_bundle: Bu
     cols = np.flatnonzero((mask[:, 1:] != mask[:, :-1]).any(axis=0)) + 1  # columns where a label changes
     assert cols.size and (cols % 2 == 0).all()  # steps of the 64 x 128 decision, 2 image pixels wide
     assert (cols % 16 != 0).mean() > 0.5  # most transitions inside the 16-pixel cells of the logit grid
+
+
+def test_the_mask_can_come_at_the_decision_size(tmp_path: Path, make_bundle: BundleFactory) -> None:
+    """mask_size=decision: the decision itself (64 x 128 for a 32 x 64 input), the one the image-size
+    mask is the nearest resize of; sizes in the headers; counts still of the image's pixels."""
+    make_bundle(tmp_path / "models", "fixed", "1", size=(32, 64))
+    data = png_bytes(scene(200, 300, seed=5))
+    with TestClient(create_app(settings_for(tmp_path / "models", default_model="fixed"))) as fixed:
+        full = fixed.post("/v1/segment?calibrate=false", content=data, headers=PNG)
+        small = fixed.post("/v1/segment?calibrate=false&mask_size=decision", content=data, headers=PNG)
+        body = fixed.post(
+            "/v1/segment?calibrate=false&format=json&mask_size=decision", content=data, headers=PNG
+        ).json()
+        bad = fixed.post("/v1/segment?mask_size=tiny", content=data, headers=PNG)
+    assert full.headers["x-mask-size"] == full.headers["x-image-size"] == "200x300"
+    assert small.headers["x-mask-size"] == "64x128" and small.headers["x-image-size"] == "200x300"
+    decision = mask_of(small)
+    assert decision.shape == (64, 128)
+    assert np.array_equal(resize_nearest(decision, 200, 300), mask_of(full))
+    assert body["mask"]["size"] == [64, 128] and np.array_equal(rle_mask(body["mask"]), decision)
+    assert sum(body["class_counts"].values()) == 200 * 300
+    assert bad.status_code == 422
 
 
 def test_multipart_and_every_format_and_mode(client: TestClient) -> None:
@@ -367,6 +389,7 @@ def test_openapi_docs_and_demo_page(client: TestClient) -> None:
         "raw_mask",
         "version",
         "record",
+        "mask_size",
     }
     assert client.get("/docs").status_code == 200
     page = client.get("/")
