@@ -28,8 +28,7 @@ from calibration.tables import CalibrationTables
 from training.config import DataConfig
 from training.data.datasets import Sample
 from training.datasets import load_split, open_split, source_class_counts
-from training.evaluation.evaluate import model_input_size
-from training.evaluation.predictors import Predictor
+from training.evaluation.predictors import Predictor, model_input_size
 from training.tables import PixelSampler, sample_logits
 
 # The cost column: a 512 x 1024 image on logits at stride 4 of it, decided at the image's size.

@@ -36,6 +36,7 @@ from training.evaluation.predictors import (
     Predictor,
     ResizingPredictor,
     TorchPredictor,
+    model_input_size,
 )
 from training.tables import PixelSampler, fit_serving_tables
 
@@ -74,13 +75,6 @@ class Confusions:
     raw: np.ndarray  # (C, C) int64
     calibrated: dict[float, np.ndarray]  # τ -> (C, C) int64
     num_images: int
-
-
-def model_input_size(predictor: Predictor, height: int, width: int) -> tuple[int, int]:
-    """(H, W) the model sees for an (height, width) image: a ResizingPredictor's target, else the image's."""
-    if isinstance(predictor, ResizingPredictor):
-        return predictor.target_size(height, width)
-    return height, width
 
 
 def accumulate_confusions(
