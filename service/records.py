@@ -56,6 +56,12 @@ class SegmentationRecord:
     # (h, w) float32: the (upsampled) logit of the calibrated decision's class; None: take it from
     # ``logits``, which must then be at the decision size.
     calibrated_logits: np.ndarray | None = None
+    # The bundle's calibrator of the served decision ("" when not recorded: "blda" if calibrate else "none").
+    calibrator: str = ""
+
+    @property
+    def calibrator_name(self) -> str:
+        return self.calibrator or ("blda" if self.calibrate else "none")
 
     @property
     def served_decision(self) -> np.ndarray:

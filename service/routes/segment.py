@@ -29,7 +29,16 @@ from service.feedback import FeedbackStore
 from service.imaging import ImageDecodeError, ImageTooLargeError
 from service.inference import InferenceRunner, ServedModel
 from service.names import NAME_PATTERN, ModelNameParam
-from service.pipeline import Decision, SegmentOptions, decide_for, decode, encode, options_from
+from service.pipeline import (
+    CalibratorError,
+    Decision,
+    SegmentOptions,
+    decide_for,
+    decode,
+    encode,
+    options_from,
+    resolve_calibration,
+)
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.records import SegmentationObserver, SegmentationRecord, StageTimings
 from service.registry import ModelRegistry, NotReady, RegistryError, VersionNotFound, VersionNotLoadable
@@ -55,6 +64,7 @@ class SegmentationJson(BaseModel):
     model: str
     version: str
     calibrated: bool
+    calibrator: str = Field(description="the calibrator of the served decision (none: the raw argmax)")
     tau: float | None = Field(description="tau used when calibrated, else null")
     classes: list[str] = Field(description="class names by id")
     class_counts: dict[str, int] = Field(description="pixels per class name in the mask")
@@ -119,6 +129,14 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 
 CalibrateQuery = Annotated[
     bool | None, Query(description="apply the BLDA calibrated decision; default from the model's manifest")
+]
+CalibratorQuery = Annotated[
+    str | None,
+    Query(
+        max_length=32,
+        description="the bundle's calibrator for the served decision (`GET /v1/models/{name}` lists them: "
+        "none, logit-adjust, em-prior, bcts, bcts-em, blda, blda+em-prior); default from the manifest",
+    ),
 ]
 TauQuery = Annotated[
     float | None, Query(ge=0.0, le=TAU_MAX, description="calibration strength; default from the manifest")
@@ -235,6 +253,7 @@ async def _segment(
     request: Request,
     name: str | None,
     calibrate: bool | None,
+    calibrator: str | None,
     tau: float | None,
     output: str,
     raw_mask: bool,
@@ -248,19 +267,16 @@ async def _segment(
         model = _serving(registry, name, version)
     except RegistryError as exc:
         raise problem_from(exc) from exc
-    if calibrate and not model.has_calibration:
+    if calibrate and not model.has_calibration and calibrator is None:
         raise Problem("calibration-unavailable", f"{model.name}/{model.version} has no calibration tables")
-    use_calibration = model.calibrate_default if calibrate is None else calibrate
-    tau_used = model.tau_default if tau is None else tau
+    try:
+        choice = resolve_calibration(model, calibrate, calibrator, tau)
+    except CalibratorError as exc:
+        raise Problem("invalid-calibrator", str(exc)) from exc
+    use_calibration, tau_used, chosen = choice.calibrate, choice.tau, choice.calibrator
     request_id: str = request.state.request_id
-    head = {
-        "request_id": request_id,
-        "model": model.name,
-        "version": model.version,
-        "calibrated": use_calibration,
-        "tau": tau_used if use_calibration else None,
-    }
-    opts = options_from(settings, use_calibration, tau_used, output, raw_mask, head)
+    head = {"request_id": request_id, "model": model.name, "version": model.version, **choice.head()}
+    opts = options_from(settings, use_calibration, tau_used, output, raw_mask, head, chosen)
     job = _Job(model=model, opts=opts)
 
     with upload_slot(runner, settings):
@@ -283,9 +299,10 @@ async def _segment(
         "X-Model-Name": model.name,
         "X-Model-Version": model.version,
         "X-Calibrated": "true" if use_calibration else "false",
+        "X-Calibrator": chosen,
         "Server-Timing": timings.server_timing(),
     }
-    if use_calibration:
+    if use_calibration and choice.uses_tau:
         headers["X-Calibration-Tau"] = f"{tau_used:g}"
     background = None
     store: FeedbackStore | None = getattr(request.app.state, "feedback_store", None)
@@ -304,6 +321,7 @@ async def _segment(
             calibrate=use_calibration,
             tau=tau_used,
             timings=timings,
+            calibrator=chosen,
         )
         if store is not None:
             # Before the response: a feedback sent the moment the client has it must find it.
@@ -345,13 +363,25 @@ async def segment_with_model(
     settings: SettingsDep,
     observers: ObserversDep,
     calibrate: CalibrateQuery = None,
+    calibrator: CalibratorQuery = None,
     tau: TauQuery = None,
     format: FormatQuery = "png",
     raw_mask: RawMaskQuery = False,
     version: VersionQuery = None,
 ) -> Response:
     return await _segment(
-        request, name, calibrate, tau, format, raw_mask, version, registry, runner, settings, observers
+        request,
+        name,
+        calibrate,
+        calibrator,
+        tau,
+        format,
+        raw_mask,
+        version,
+        registry,
+        runner,
+        settings,
+        observers,
     )
 
 
@@ -370,11 +400,23 @@ async def segment_with_default(
     settings: SettingsDep,
     observers: ObserversDep,
     calibrate: CalibrateQuery = None,
+    calibrator: CalibratorQuery = None,
     tau: TauQuery = None,
     format: FormatQuery = "png",
     raw_mask: RawMaskQuery = False,
     version: VersionQuery = None,
 ) -> Response:
     return await _segment(
-        request, None, calibrate, tau, format, raw_mask, version, registry, runner, settings, observers
+        request,
+        None,
+        calibrate,
+        calibrator,
+        tau,
+        format,
+        raw_mask,
+        version,
+        registry,
+        runner,
+        settings,
+        observers,
     )
