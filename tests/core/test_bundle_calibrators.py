@@ -97,3 +97,12 @@ def test_the_manifest_must_list_the_files_calibrators_and_a_known_default(tmp_pa
         load_bundle(path)
     with pytest.raises(ValueError, match="default_calibrator: expected one of"):
         CalibrationSpec(calibrators=["none"], default_calibrator="blda")
+
+
+def test_legacy_calibrators_follow_the_manifests_tau_and_switch() -> None:
+    from calibration.bundle import legacy_calibrators
+
+    got, default = legacy_calibrators(CalibrationSpec(tau_default=0.4, enabled_default=False), True)
+    assert list(got) == ["none", "blda"] and got["blda"].tau == 0.4 and default == "none"
+    assert legacy_calibrators(CalibrationSpec(enabled_default=True), True)[1] == "blda"
+    assert list(legacy_calibrators(None, False)[0]) == ["none"]
