@@ -148,10 +148,12 @@ def parse_names(text: str | Sequence[str], with_tables: bool = True) -> list[str
 
 def fit_calibrators(inputs: FitInputs, names: Sequence[str]) -> Fitted:
     """name -> fitted Calibrator for each of `names` (parse_names order)."""
+    wanted = parse_names(names, inputs.shifts is not None)
     fitted: Fitted = {}
-    for name in parse_names(names, inputs.shifts is not None):
+    # In CALIBRATOR_NAMES order: bcts before bcts-em, blda before blda+em-prior (each reuses the other).
+    for name in wanted:
         fitted[name] = FITTERS[name](inputs, fitted)
-    return {n: fitted[n] for n in names if n in fitted}
+    return {n: fitted[n] for n in wanted}
 
 
 def choose_default(rows: Sequence[dict[str, Any]]) -> str:

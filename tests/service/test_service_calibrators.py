@@ -117,7 +117,9 @@ def test_calibrate_false_is_none_and_the_models_route_lists_the_calibrators(
     served: tuple[TestClient, Path],
 ) -> None:
     client, _ = served
-    response = client.post("/v1/models/tiny/segment?calibrate=false", content=png_bytes(scene(20, 30)), headers=PNG)
+    response = client.post(
+        "/v1/models/tiny/segment?calibrate=false", content=png_bytes(scene(20, 30)), headers=PNG
+    )
     assert response.headers["x-calibrator"] == "none"
     info = client.get("/v1/models/tiny").json()
     calibration = info["versions"][0]["calibration"]

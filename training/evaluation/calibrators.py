@@ -9,11 +9,13 @@ evaluated split is read for the table alone.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from calibration.calibrators.calibrator import Calibrator
 from calibration.calibrators.evaluation import (
     LogitImage,
     calibrator_confusion,
@@ -21,8 +23,9 @@ from calibration.calibrators.evaluation import (
     sample_pixels,
     table_row,
 )
-from calibration.calibrators.fit import FitInputs, choose_default, fit_calibrators
+from calibration.calibrators.fit import BLDA_TAUS, FitInputs, choose_default, fit_calibrators
 from calibration.calibrators.priors import class_priors
+from calibration.calibrators.store import calibrators_json
 from calibration.segmentation import DEFAULT_DECISION_SCALE, decision_size, upsample_bilinear
 from calibration.tables import CalibrationTables
 from training.config import DataConfig
@@ -72,6 +75,24 @@ def cost_logits(image: LogitImage) -> np.ndarray:
     return upsample_bilinear(image.logits, (COST_IMAGE[0] // 4, COST_IMAGE[1] // 4))
 
 
+@dataclass(frozen=True)
+class Comparison:
+    fitted: dict[str, Calibrator]  # name -> calibrator, strengths chosen on tuning
+    rows: dict[str, list[dict[str, Any]]]  # split -> rows of table_row ("tuning" always)
+    default: str  # best tuning mIoU (calibration.calibrators.fit.choose_default)
+    images: dict[str, int]
+
+    def to_json(self, split: str) -> dict[str, Any]:
+        stored = calibrators_json(self.fitted, 0)["calibrators"]
+        return {
+            "split": split,
+            "images": self.images,
+            **self.rows,
+            "default": self.default,
+            "calibrators": {c["name"]: c for c in stored},
+        }
+
+
 def compare_calibrators(
     predictor: Predictor,
     data: Path,
@@ -83,10 +104,10 @@ def compare_calibrators(
     data_cfg: DataConfig | None = None,
     priors: np.ndarray | None = None,
     cost: bool = True,
-) -> dict[str, Any]:
+    blda_taus: Sequence[float] = BLDA_TAUS,
+) -> Comparison:
     """Fit every calibrator of `names` (strengths on the tuning split), then the table on `split` and on
-    tuning: rows of calibration.calibrators.evaluation.table_row, plus "cost_ms" per 512 x 1024 image.
-    Returns {"tuning": rows, split: rows, "default": name, "calibrators": {name: fitted parameters}}."""
+    tuning: rows of calibration.calibrators.evaluation.table_row, plus "cost_ms" per 512 x 1024 image."""
     tuning = logit_images(predictor, load_split(data, "target", "tuning", 0, data_cfg))
     c = int(tuning[0].logits.shape[0])
     if priors is None:
@@ -94,33 +115,23 @@ def compare_calibrators(
     target, _ = pixel_sample(predictor, load_split(data, "target", "train", fit_limit, data_cfg), False, 1)
     src_z, src_y = pixel_sample(predictor, load_split(data, "source", "val", fit_limit, data_cfg), True, 2)
     shifts = tables.shifts if tables is not None else None
-    inputs = FitInputs(priors, target, src_z, src_y, tuning, shifts)
+    inputs = FitInputs(priors, target, src_z, src_y, tuning, shifts, blda_taus=blda_taus)
     fitted = fit_calibrators(inputs, names)
     evaluated = (
         tuning
         if split == "tuning"
         else logit_images(predictor, load_split(data, "target", split, limit, data_cfg))
     )
-    result: dict[str, Any] = {"split": split, "images": {"tuning": len(tuning), split: len(evaluated)}}
+    rows: dict[str, list[dict[str, Any]]] = {}
     for which, images in (("tuning", tuning), (split, evaluated)):
         pixels = sample_pixels(images, 2048, seed=3)
-        result[which] = [
+        rows[which] = [
             table_row(calibrator_confusion(images, cal, shifts, c), cal, shifts, pixels)
             for cal in fitted.values()
         ]
     if cost:
         z = cost_logits(evaluated[0])
-        for row in result[split]:
+        for row in rows[split]:
             row["cost_ms"] = 1e3 * decision_seconds(z, COST_IMAGE, fitted[row["calibrator"]], shifts)
-    result["default"] = choose_default(result["tuning"])
-    result["calibrators"] = {n: calibrator_json(cal) for n, cal in fitted.items()}
-    return result
-
-
-def calibrator_json(cal: Any) -> dict[str, Any]:
-    return {
-        "temperature": cal.temperature,
-        "bias": None if cal.bias is None else np.asarray(cal.bias).tolist(),
-        "tau": cal.tau,
-        "fit": cal.fit,
-    }
+    images = {"tuning": len(tuning), split: len(evaluated)}
+    return Comparison(fitted, rows, choose_default(rows["tuning"]), images)

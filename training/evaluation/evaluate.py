@@ -364,9 +364,8 @@ def run_evaluate(
     if names:
         from training.evaluation.calibrators import compare_calibrators
 
-        metrics["calibrators"] = compare_calibrators(
-            mut.predictor, data, names, chosen, split, limit, data_cfg=data_cfg
-        )
+        compared = compare_calibrators(mut.predictor, data, names, chosen, split, limit, data_cfg=data_cfg)
+        metrics["calibrators"] = compared.to_json(split)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     plot_evaluation({**target, "classes": mut.class_names}, out / "metrics.png")
