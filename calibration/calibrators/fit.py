@@ -57,7 +57,9 @@ def _by_tuning(inputs: FitInputs, make: Callable[[float], Calibrator], taus: Seq
     raw = calibrator_confusion(inputs.tuning, Calibrator("none"), None, c)
     confs = {float(t): calibrator_confusion(inputs.tuning, make(t), inputs.shifts, c) for t in taus}
     choice = calibration_default(raw, confs)
-    best = make(choice["tau"])
+    tau = choice["tau"]
+    assert isinstance(tau, float)  # calibration_default returns the τ as a float
+    best = make(tau)
     fit = {**best.fit, "tuning_miou_by_tau": choice["calibrated_miou"], "tuning_raw_miou": choice["raw_miou"]}
     return Calibrator(best.name, best.temperature, best.bias, best.tau, fit)
 

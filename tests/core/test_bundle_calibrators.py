@@ -55,7 +55,7 @@ def test_a_bundle_without_calibrators_serves_none_and_blda_as_before() -> None:
     assert bundle.default_calibrator == ("blda" if spec.enabled_default else "none")
 
 
-def _edit(path: Path, change) -> None:  # noqa: ANN001
+def _edit(path: Path, change) -> None:
     """Rewrite calibrators.json and its checksum, so that only the content is wrong."""
     import hashlib
 
@@ -79,7 +79,7 @@ def _edit(path: Path, change) -> None:  # noqa: ANN001
         (lambda d: d["calibrators"].pop(0), "calibrators", "'none'"),
     ],
 )
-def test_damaged_calibrators_name_the_field(tmp_path: Path, change, field: str, message: str) -> None:  # noqa: ANN001
+def test_damaged_calibrators_name_the_field(tmp_path: Path, change, field: str, message: str) -> None:
     path = _save(tmp_path, _fitted())
     _edit(path, change)
     with pytest.raises(BundleError) as err:
@@ -93,7 +93,7 @@ def test_the_manifest_must_list_the_files_calibrators_and_a_known_default(tmp_pa
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     manifest["calibration"]["calibrators"] = ["none", "bcts-em"]
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="expected the calibrators of calibrators.json"):
+    with pytest.raises(BundleError, match=r"expected the calibrators of calibrators\.json"):
         load_bundle(path)
     with pytest.raises(ValueError, match="default_calibrator: expected one of"):
         CalibrationSpec(calibrators=["none"], default_calibrator="blda")

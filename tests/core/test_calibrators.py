@@ -145,7 +145,7 @@ def test_offset_decisions_are_the_argmax_of_offset_upsampled_logits() -> None:
     np.testing.assert_allclose(made.calibrated_logit[0], chosen, rtol=1e-5, atol=1e-5)
 
 
-def reference_offset_scores(z: np.ndarray, tables, tau: float, b: np.ndarray) -> np.ndarray:  # noqa: ANN001
+def reference_offset_scores(z: np.ndarray, tables, tau: float, b: np.ndarray) -> np.ndarray:
     """s_c = softmax_l(z_l + τΔ_cl(z_l) + b_l)[c], one hypothesis at a time: (C,)."""
     c = z.size
     s = np.empty(c)

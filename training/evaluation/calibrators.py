@@ -133,5 +133,5 @@ def compare_calibrators(
         z = cost_logits(evaluated[0])
         for row in rows[split]:
             row["cost_ms"] = 1e3 * decision_seconds(z, COST_IMAGE, fitted[row["calibrator"]], shifts)
-    images = {"tuning": len(tuning), split: len(evaluated)}
-    return Comparison(fitted, rows, choose_default(rows["tuning"]), images)
+    counts = {"tuning": len(tuning), split: len(evaluated)}
+    return Comparison(fitted, rows, choose_default(rows["tuning"]), counts)
