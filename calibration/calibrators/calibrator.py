@@ -16,10 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.special import softmax
 
 from calibration.alignment import ShiftTables, shift_values
+from calibration.calibrators.temperature import log_softmax
 from calibration.segmentation import DEFAULT_BAND_PIXELS, Decisions, decide
+
+
+def softmax(u: np.ndarray, axis: int = 0) -> np.ndarray:
+    return np.exp(log_softmax(u, axis))
+
 
 # Every calibrator a bundle can carry, in the order tables list them.
 CALIBRATOR_NAMES: tuple[str, ...] = (
