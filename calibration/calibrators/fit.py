@@ -115,10 +115,12 @@ def fit_blda(inputs: FitInputs, fitted: Fitted) -> Calibrator:
 
 def fit_blda_em(inputs: FitInputs, fitted: Fitted) -> Calibrator:
     blda = fitted["blda"] if "blda" in fitted else fit_blda(inputs, fitted)
-    # EM on BLDA's probabilities at its chosen τ; the estimated prior then enters every hypothesis.
-    probs = calibrator_probabilities(inputs.target_logits, blda, inputs.shifts)
-    bias, info = _em(inputs, probs)
-    return Calibrator("blda+em-prior", bias=bias, tau=blda.tau, fit={"tau_from": "blda", **info})
+    em = fitted["em-prior"] if "em-prior" in fitted else fit_em_prior(inputs, fitted)
+    # The target prior is EM's on the model's own posteriors (trained under π_s, as Saerens' EM assumes);
+    # it enters every hypothesis of BLDA's rule at BLDA's τ. EM on BLDA's normalised hypothesis scores
+    # instead collapsed (default benchmark, source-only: val mIoU 8.6, ECE 64%): those scores are not
+    # posteriors under the source prior.
+    return Calibrator("blda+em-prior", bias=em.bias, tau=blda.tau, fit={"tau_from": "blda", **em.fit})
 
 
 FITTERS: dict[str, Callable[[FitInputs, Fitted], Calibrator]] = {
