@@ -209,6 +209,7 @@ def test_a_foreign_model_becomes_a_calibrated_served_bundle(foreign: dict[str, P
     inspected = runner.invoke(app, ["bundle", "inspect", str(bundle)])
     assert inspected.exit_code == 0, inspected.output
     assert "pairs fitted source" in inspected.output and "PIT (held-out)" in inspected.output
+    assert "calibrators: none, logit-adjust" in inspected.output and "| blda+em-prior |" in inspected.output
     figures = json.loads(runner.invoke(app, ["bundle", "inspect", str(bundle), "--json"]).output)
     assert figures["tables"]["pairs"] == C7 * C7 and figures["tables"]["source_pairs_fitted"] > 0
 
