@@ -108,8 +108,35 @@ def table(name: str, results: dict[str, list[dict[str, Any]]]) -> str:
                 f"{_ms([r['mean_abs_bias'] for r in rows], digits=3)} | {_ms([r['ece'] for r in rows])} | "
                 f"{_ms([r['cost_ms'] for r in rows], 1.0, 0)} | {', '.join(strengths)} |"
             )
+        lines.append(verdict(runs))
         lines.append("")
     return "\n".join(lines)
+
+
+CLASSICAL = ("logit-adjust", "em-prior", "bcts", "bcts-em")
+
+
+def verdict(runs: list[dict[str, Any]]) -> str:
+    """The issue's goal, checked on the means over seeds: BLDA lowers mean |Bias| more than every classical
+    correction, at an mIoU no worse than theirs."""
+
+    def mean(cal: str, key: str) -> float:
+        return statistics.mean(next(r for r in run["val"] if r["calibrator"] == cal)[key] for run in runs)
+
+    names = [r["calibrator"] for r in runs[0]["val"]]
+    if "blda" not in names:
+        return "Goal: not measured (no blda)."
+    classical = [c for c in CLASSICAL if c in names]
+    lowest = min(classical, key=lambda c: mean(c, "mean_abs_bias"))
+    bias_ok = mean("blda", "mean_abs_bias") < mean(lowest, "mean_abs_bias")
+    miou_ok = all(mean("blda", "miou") >= mean(c, "miou") for c in classical)
+    best_miou = max(classical, key=lambda c: mean(c, "miou"))
+    return (
+        f"Goal {'met' if bias_ok and miou_ok else 'missed'}: blda mean abs Bias "
+        f"{100 * mean('blda', 'mean_abs_bias'):.3f} vs the lowest classical {lowest} "
+        f"{100 * mean(lowest, 'mean_abs_bias'):.3f}; blda mIoU {100 * mean('blda', 'miou'):.2f} vs the best "
+        f"classical {best_miou} {100 * mean(best_miou, 'miou'):.2f}."
+    )
 
 
 def _strength(params: dict[str, Any]) -> str:
