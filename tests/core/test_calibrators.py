@@ -216,3 +216,29 @@ def test_names_and_default() -> None:
     assert choose_default([*rows, {"calibrator": "em-prior", "miou": 0.51}]) == "em-prior"
     with pytest.raises(ValueError, match="expected one of"):
         Calibrator("platt")
+
+
+def test_strengths_are_chosen_on_the_tuning_images_and_em_finds_the_target_prior() -> None:
+    """A model trained under a skewed source prior: its logits carry log π_s, which logit adjustment at
+    τ = 1 removes exactly; on balanced target images that τ wins, and EM finds the balanced prior."""
+    from calibration.calibrators.evaluation import LogitImage
+    from calibration.calibrators.fit import FitInputs, fit_calibrators
+
+    rng = np.random.default_rng(7)
+    c, h, w = 3, 12, 16
+    source = np.array([0.8, 0.1, 0.1])
+
+    def image() -> tuple[np.ndarray, np.ndarray]:
+        label = rng.integers(0, c, (h, w))
+        z = np.log(source)[:, None, None] + 1.5 * np.eye(c)[label].transpose(2, 0, 1)
+        return (z + rng.normal(0, 1.0, (c, h, w))).astype(np.float32), label
+
+    tuning = [LogitImage(*image(), (h, w)) for _ in range(6)]
+    target = np.concatenate([image()[0].reshape(c, -1) for _ in range(6)], axis=1)
+    src_y = rng.choice(c, 3000, p=source)
+    src_z = np.log(source)[:, None] + 1.5 * np.eye(c)[src_y].T + rng.normal(0, 1.0, (c, 3000))
+    inputs = FitInputs(source, target, src_z, src_y, tuning)
+    fitted = fit_calibrators(inputs, ["none", "logit-adjust", "em-prior"])
+    scores = fitted["logit-adjust"].fit["tuning_miou_by_tau"]
+    assert fitted["logit-adjust"].fit["strength"] == 1.0 == float(max(scores, key=scores.get))
+    np.testing.assert_allclose(fitted["em-prior"].fit["target_priors"], np.full(c, 1 / c), atol=0.05)
