@@ -112,6 +112,10 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             "X-Request-Id": {"schema": {"type": "string"}},
             "X-Model-Version": {"schema": {"type": "string"}},
             "X-Calibrated": {"schema": {"type": "string", "enum": ["true", "false"]}},
+            "X-Calibrator": {
+                "schema": {"type": "string"},
+                "description": "the calibrator of the served decision (none: the raw argmax)",
+            },
             "Server-Timing": {
                 "schema": {"type": "string"},
                 "description": "decode, infer, calibrate, encode (ms)",
