@@ -108,7 +108,7 @@ def table(name: str, results: dict[str, list[dict[str, Any]]]) -> str:
                 f"{_ms([r['mean_abs_bias'] for r in rows], digits=3)} | {_ms([r['ece'] for r in rows])} | "
                 f"{_ms([r['cost_ms'] for r in rows], 1.0, 0)} | {', '.join(strengths)} |"
             )
-        lines.append(verdict(runs))
+        lines += ["", verdict(runs)]
         lines.append("")
     return "\n".join(lines)
 
