@@ -6,6 +6,8 @@ Layout: ``models/<name>/<version>/`` holding
   names recorded in the manifest (``input.name``, ``output.name``; "image" and "logits" by default, the
   names `blda export` gives them, so bundles written before the fields existed still load);
 - ``calibration.npz``: the arrays of :class:`calibration.tables.CalibrationTables` (optional);
+- ``calibrators.json``: the fitted calibrators (calibration.calibrators.store; optional: a bundle without it
+  serves "none" and, with tables, "blda" at the manifest's τ, as bundles did before calibrators existed);
 - ``manifest.json``: :class:`Manifest`, including the sha256 of each file above.
 
 Every load error is a :class:`BundleError` naming the file and the field that is wrong, so that an
@@ -21,7 +23,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from calibration.calibrators.calibrator import CALIBRATOR_NAMES, Calibrator
+from calibration.calibrators.store import (
+    CALIBRATORS_FILE,
+    CalibratorFormatError,
+    read_calibrators,
+    write_calibrators,
+)
 from calibration.tables import CalibrationFormatError, CalibrationTables
 
 SCHEMA_VERSION = 1
@@ -113,6 +122,23 @@ class CalibrationSpec(_Strict):
     num_knots: int = Field(default=256, ge=2)
     source_domain: str = ""
     target_domain: str = ""
+    # The calibrators of calibrators.json and the one served by default (None: a bundle from before
+    # calibrators, which serves "none" and "blda"); the tuning-split table they were chosen on.
+    calibrators: list[str] | None = None
+    default_calibrator: str | None = None
+    tuning_table: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _known_calibrators(self) -> CalibrationSpec:
+        names = self.calibrators or []
+        unknown = [n for n in names if n not in CALIBRATOR_NAMES]
+        if unknown:
+            raise ValueError(f"calibrators: expected names among {list(CALIBRATOR_NAMES)}, got {unknown}")
+        if self.default_calibrator is not None and self.default_calibrator not in names:
+            raise ValueError(
+                f"default_calibrator: expected one of the calibrators {names}, got {self.default_calibrator!r}"
+            )
+        return self
 
 
 class Provenance(_Strict):
@@ -175,6 +201,9 @@ class Bundle:
     manifest: Manifest
     model_path: Path
     tables: CalibrationTables | None
+    # name -> fitted calibrator, in table order; what requests may ask for (calibrator=).
+    calibrators: dict[str, Calibrator] = field(default_factory=lambda: {"none": Calibrator("none")})
+    default_calibrator: str = "none"
 
     @property
     def name(self) -> str:
@@ -320,7 +349,58 @@ def load_bundle(directory: str | Path) -> Bundle:
             "calibration",
             f"expected {CALIBRATION_FILE} since the manifest has a calibration section",
         )
-    return Bundle(directory=directory, manifest=manifest, model_path=directory / MODEL_FILE, tables=tables)
+    calibrators, default = _served_calibrators(directory, manifest, tables)
+    return Bundle(
+        directory=directory,
+        manifest=manifest,
+        model_path=directory / MODEL_FILE,
+        tables=tables,
+        calibrators=calibrators,
+        default_calibrator=default,
+    )
+
+
+def legacy_calibrators(spec: CalibrationSpec | None, has_tables: bool) -> tuple[dict[str, Calibrator], str]:
+    """What a bundle without calibrators.json serves: "none", and "blda" at the manifest's τ with tables;
+    the default is "blda" when the manifest enables calibration by default."""
+    out = {"none": Calibrator("none")}
+    if not has_tables:
+        return out, "none"
+    tau = spec.tau_default if spec is not None else 0.2
+    out["blda"] = Calibrator("blda", tau=tau)
+    return out, "blda" if (spec.enabled_default if spec is not None else True) else "none"
+
+
+def _served_calibrators(
+    directory: Path, manifest: Manifest, tables: CalibrationTables | None
+) -> tuple[dict[str, Calibrator], str]:
+    spec = manifest.calibration
+    path = directory / CALIBRATORS_FILE
+    manifest_path = directory / MANIFEST_FILE
+    if CALIBRATORS_FILE not in manifest.files:
+        if spec is not None and spec.calibrators is not None:
+            raise BundleError(
+                manifest_path,
+                "calibration.calibrators",
+                f"expected {CALIBRATORS_FILE} for the calibrators listed",
+            )
+        return legacy_calibrators(spec, tables is not None)
+    try:
+        calibrators = read_calibrators(path, manifest.output.num_classes)
+    except CalibratorFormatError as exc:
+        raise BundleError(path, exc.field, exc.message) from exc
+    needs = [n for n, c in calibrators.items() if c.uses_tables]
+    if needs and tables is None:
+        raise BundleError(path, "calibrators", f"expected {CALIBRATION_FILE} for {needs}, got no tables")
+    listed = spec.calibrators if spec is not None else None
+    if listed != list(calibrators):
+        raise BundleError(
+            manifest_path,
+            "calibration.calibrators",
+            f"expected the calibrators of {CALIBRATORS_FILE} {list(calibrators)}, got {listed}",
+        )
+    assert spec is not None
+    return calibrators, spec.default_calibrator or "none"
 
 
 def save_bundle(
@@ -328,8 +408,10 @@ def save_bundle(
     model_onnx: str | Path | bytes,
     tables: CalibrationTables | None,
     manifest: Manifest,
+    calibrators: dict[str, Calibrator] | None = None,
 ) -> Path:
-    """Write ``models_dir/<name>/<version>/`` atomically and return its path.
+    """Write ``models_dir/<name>/<version>/`` atomically and return its path (with calibrators.json when
+    `calibrators` are given; the manifest's calibration section must list them).
 
     The bundle is assembled in a temporary sibling directory and renamed into place, so a reader (the
     service's hot reload) never sees a half-written bundle. An existing version is replaced.
@@ -354,6 +436,9 @@ def save_bundle(
                 )
             write_calibration(staging / CALIBRATION_FILE, tables)
             files[CALIBRATION_FILE] = sha256_file(staging / CALIBRATION_FILE)
+        if calibrators is not None:
+            write_calibrators(staging / CALIBRATORS_FILE, calibrators, manifest.output.num_classes)
+            files[CALIBRATORS_FILE] = sha256_file(staging / CALIBRATORS_FILE)
         final = manifest.model_copy(update={"files": files})
         text = json.dumps(final.model_dump(mode="json"), indent=2) + "\n"
         (staging / MANIFEST_FILE).write_text(text, encoding="utf-8")

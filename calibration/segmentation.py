@@ -15,6 +15,8 @@ numpy only: the service imports it without torch, training without fastapi.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -188,6 +190,70 @@ def _interpolate_at(
     return np.ascontiguousarray(right.T)
 
 
+_OFFSET_TABLES: dict[tuple[int, float, bytes], tuple[weakref.ref[ShiftTables], ShiftTables]] = {}
+_OFFSET_LOCK = threading.Lock()
+
+
+def offset_tables(shifts: ShiftTables, offset: np.ndarray, tau: float) -> ShiftTables:
+    """Tables whose calibrated rule at ``tau`` adds ``offset`` b (C,) inside every hypothesis's softmax:
+    z_l + τ(Δ_cl(z_l) + b_l / τ) = z_l + τΔ_cl(z_l) + b_l. A per-pair constant is still a table, so the
+    exact bound and its shortcuts hold unchanged. Cached per (tables, tau, offset): a server reuses one."""
+    if tau <= 0:
+        raise ValueError(f"tau: expected > 0 for an offset inside the calibrated rule, got {tau}")
+    b = np.asarray(offset, dtype=np.float32).reshape(-1)
+    if b.shape != (shifts.num_classes,):
+        raise ValueError(f"offset: expected shape ({shifts.num_classes},), got {np.shape(offset)}")
+    key = (id(shifts), float(tau), b.tobytes())
+    with _OFFSET_LOCK:
+        hit = _OFFSET_TABLES.get(key)
+    if hit is not None and hit[0]() is shifts:
+        return hit[1]
+    made = ShiftTables(
+        shifts.lo, shifts.step, (shifts.delta + (b / np.float32(tau))[None, :, None]).astype(np.float32)
+    )
+    with _OFFSET_LOCK:
+        while len(_OFFSET_TABLES) >= 8:
+            _OFFSET_TABLES.pop(next(iter(_OFFSET_TABLES)))
+        _OFFSET_TABLES[key] = (weakref.ref(shifts), made)
+    return made
+
+
+def _decide_with_offset(
+    logits: np.ndarray,
+    size: tuple[int, int],
+    shifts: ShiftTables | None,
+    taus: Sequence[float],
+    offset: np.ndarray,
+    band_pixels: int,
+    shortcut: bool,
+) -> Decisions:
+    b = np.asarray(offset, dtype=np.float32).reshape(-1)
+    if b.shape != (logits.shape[0],):
+        raise ValueError(f"offset: expected shape ({logits.shape[0]},), got {np.shape(offset)}")
+    if shifts is None:
+        if taus:
+            raise ValueError("taus: the calibrated decision needs shift tables, got none")
+        raw = decide(logits, size, band_pixels=band_pixels, shortcut=shortcut)
+        # An offset commutes with bilinear upsampling (weights sum to 1): the argmax of the offset logits.
+        moved = decide(
+            np.asarray(logits, np.float32) + b[:, None, None],
+            size,
+            band_pixels=band_pixels,
+            shortcut=shortcut,
+        )
+        logit = moved.raw_logit - b[moved.raw]  # the logit itself, not the offset one
+        return Decisions(raw.raw, raw.raw_logit, (moved.raw,), (logit,))
+    if not taus:
+        raise ValueError("offset with shift tables: expected at least one tau, got none")
+    made = [decide(logits, size, offset_tables(shifts, b, t), (t,), band_pixels, shortcut) for t in taus]
+    return Decisions(
+        made[0].raw,
+        made[0].raw_logit,
+        tuple(m.calibrated[0] for m in made),
+        tuple(m.calibrated_logit[0] for m in made),
+    )
+
+
 def decide(
     logits: np.ndarray,
     size: tuple[int, int],
@@ -195,6 +261,7 @@ def decide(
     taus: Sequence[float] = (),
     band_pixels: int = DEFAULT_BAND_PIXELS,
     shortcut: bool = True,
+    offset: np.ndarray | None = None,
 ) -> Decisions:
     """(C, h, w) logits -> decisions at ``size``: raw argmax and the calibrated rule at each tau, both on
     the same bilinearly upsampled logits, band by band (extra memory ~ C x band_pixels x 4 bytes).
@@ -203,7 +270,14 @@ def decide(
     with the same class (see `_corner_maps`) take that class without their logits being upsampled; only
     the others (near class boundaries) are interpolated and decided. Same result as ``shortcut=False``,
     which upsamples every pixel (the reference).
+
+    ``offset`` b (C,) is the per-class offset of the classical corrections (calibration.calibrators):
+    without tables, the one calibrated decision is argmax_c (z_c + b_c); with tables, each hypothesis's
+    softmax of the calibrated rule gets it (z_l + τΔ_cl(z_l) + b_l, see `offset_tables`). The raw decision
+    never does.
     """
+    if offset is not None:
+        return _decide_with_offset(logits, size, shifts, taus, offset, band_pixels, shortcut)
     if taus and shifts is None:
         raise ValueError("taus: the calibrated decision needs shift tables, got none")
     if logits.ndim != 3:

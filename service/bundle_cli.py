@@ -234,6 +234,8 @@ def table_figures(bundle: Bundle) -> dict[str, Any]:
             "data": m.provenance.data,
         },
         "tables": None,
+        "calibrators": list(bundle.calibrators),
+        "default_calibrator": bundle.default_calibrator,
     }
     t = bundle.tables
     if t is not None:
@@ -283,6 +285,12 @@ def inspect(
         f"  calibration: default {'on' if cal['enabled_default'] else 'off'}, τ default {cal['tau_default']:g}"
         + (f" ({f['calibration_reason']})" if f["calibration_reason"] else "")
     )
+    typer.echo(f"  calibrators: {', '.join(f['calibrators'])}; default {f['default_calibrator']}")
+    if cal.get("tuning_table"):
+        from calibration.calibrators.evaluation import format_table
+
+        typer.echo("  on the tuning split (x100; the default is the best mIoU there):")
+        typer.echo("\n".join("    " + line for line in format_table(cal["tuning_table"]).splitlines()))
     t = f["tables"]
     typer.echo(
         f"  tables: pairs fitted source {t['source_pairs_fitted']}/{t['pairs']}, target "

@@ -392,6 +392,11 @@ class CalibrationResult:
     report: RefitReport
     choice: dict[str, Any]
     counts: dict[str, int] = field(default_factory=dict)
+    # Every calibrator fitted, measured on the held-out target images, and the best there (or none); empty
+    # without held-out labelled target images (the bundle then serves none and blda, as before).
+    calibrators: dict[str, Any] = field(default_factory=dict)
+    default_calibrator: str | None = None
+    tuning_table: list[dict[str, Any]] = field(default_factory=list)
 
 
 def fit_calibration(
@@ -448,6 +453,14 @@ def fit_calibration(
             taus,
             advance,
         )
+        fitted, default, table = fit_calibrators_on(
+            runner, tuning, folders, tables, source_logits, source_labels, target_logits, taus
+        )
+        if "blda" in fitted and fitted["blda"].tau is not None:
+            choice["tau"] = fitted["blda"].tau
+        choice["enabled"] = default != "none"
+        choice["default_calibrator"] = default
+        return CalibrationResult(tables, report, choice, counts, fitted, default, table)
     else:
         why = "no target labels" if folders.target_labels is None else "fewer than 2 target images"
         choice = {
@@ -457,6 +470,48 @@ def fit_calibration(
             "pit": None,
         }
     return CalibrationResult(tables, report, choice, counts)
+
+
+def fit_calibrators_on(
+    runner: Runner,
+    tuning: Sequence[Path],
+    folders: Folders,
+    tables: CalibrationTables,
+    source_logits: np.ndarray,  # (C, 1, P) labelled source pixels
+    source_labels: np.ndarray,  # (1, P)
+    target_logits: np.ndarray,  # (C, 1, P) unlabelled target pixels
+    taus: Sequence[float],
+) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """Every calibrator (calibration.calibrators.fit), strengths and default chosen on the held-out target
+    images; the tuning-split table. Without a source validation folder, BCTS fits on the labelled source
+    pixels the tables use, and the source priors are theirs."""
+    from calibration.calibrators.evaluation import LogitImage, calibrator_confusion, sample_pixels, table_row
+    from calibration.calibrators.fit import FitInputs, choose_default, fit_calibrators
+    from calibration.calibrators.priors import class_priors
+    from calibration.segmentation import DEFAULT_DECISION_SCALE, decision_size
+
+    assert folders.target_images is not None and folders.target_labels is not None
+    c = tables.num_classes
+    images = []
+    for path in tuning:
+        image = read_image(path)
+        label_file = label_path(path, folders.target_images, folders.target_labels, "--target-labels")
+        label = read_label(label_file, image.shape[:2], folders.label_format, c)
+        size = image.shape[:2]
+        at = decision_size(size, runner.input_size(*size), DEFAULT_DECISION_SCALE)
+        images.append(LogitImage(runner(image), label, at))
+    labels = source_labels[0].astype(np.int64)
+    priors = class_priors(np.bincount(labels, minlength=c)[:c])
+    inputs = FitInputs(
+        priors, target_logits[:, 0], source_logits[:, 0], labels, images, tables.shifts, blda_taus=taus
+    )
+    fitted = fit_calibrators(inputs, ["all"])
+    pixels = sample_pixels(images, 2048, seed=3)
+    rows = [
+        table_row(calibrator_confusion(images, cal, tables.shifts, c), cal, tables.shifts, pixels)
+        for cal in fitted.values()
+    ]
+    return fitted, choose_default(rows), rows
 
 
 def choose_calibration(
@@ -619,6 +674,9 @@ def create_bundle(options: CreateOptions, progress: Callable[[int], Advance] | N
             num_knots=int(result.tables.shifts.delta.shape[-1]),
             source_domain=str(f.source_images),
             target_domain=str(f.target_images),
+            calibrators=list(result.calibrators) if result.calibrators else None,
+            default_calibrator=result.default_calibrator,
+            tuning_table=result.tuning_table,
         )
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
@@ -643,7 +701,8 @@ def create_bundle(options: CreateOptions, progress: Callable[[int], Advance] | N
             metrics=metrics,
         ),
     )
-    bundle = save_bundle(o.out, o.onnx, result.tables if result is not None else None, manifest)
+    fitted = result.calibrators if result is not None and result.calibrators else None
+    bundle = save_bundle(o.out, o.onnx, result.tables if result is not None else None, manifest, fitted)
     return {
         "bundle": str(bundle),
         "providers": list(providers),
@@ -652,7 +711,7 @@ def create_bundle(options: CreateOptions, progress: Callable[[int], Advance] | N
         "stride": stride,
         "calibration": None
         if choice is None
-        else {k: v for k, v in choice.items() if k in ("enabled", "tau", "reason")},
+        else {k: v for k, v in choice.items() if k in ("enabled", "tau", "reason", "default_calibrator")},
     }
 
 

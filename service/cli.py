@@ -189,6 +189,12 @@ def predict(
         bool | None, typer.Option("--calibrate/--no-calibrate", help="[default: from the model's manifest]")
     ] = None,
     tau: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="[default: from the manifest]")] = None,
+    calibrator: Annotated[
+        str | None,
+        typer.Option(
+            help="One of the bundle's calibrators (blda inspect lists them) [default: the manifest's]"
+        ),
+    ] = None,
     format: Annotated[
         Literal["png", "json"], typer.Option(help="png: palette mask; json: as the API")
     ] = "png",
@@ -204,7 +210,7 @@ def predict(
     """Segment images in-process through the service's pipeline (the served masks, byte for byte)."""
     from pydantic import ValidationError
 
-    from service.pipeline import options_from
+    from service.pipeline import CalibratorError, options_from, resolve_calibration
     from service.predict import PredictError, choose_model, collect_inputs, plan_outputs, predict_all
     from service.settings import SettingsFileError, available_cores, load_settings
 
@@ -218,23 +224,22 @@ def predict(
         served = choose_model(settings, model, threads=max(1, available_cores() // workers))
     except PredictError as exc:
         raise _fail(str(exc)) from None
-    if calibrate and not served.has_calibration:
+    if calibrate and not served.has_calibration and calibrator is None:
         raise _fail(f"--calibrate: {served.name}/{served.version} has no calibration tables")
-    use_calibration = served.calibrate_default if calibrate is None else calibrate
-    tau_used = served.tau_default if tau is None else tau
-    head = {
-        "model": served.name,
-        "version": served.version,
-        "calibrated": use_calibration,
-        "tau": tau_used if use_calibration else None,
-    }
-    opts = options_from(settings, use_calibration, tau_used, format, json_head=head)
+    try:
+        choice = resolve_calibration(served, calibrate, calibrator, tau)
+    except CalibratorError as exc:
+        raise _fail(f"--calibrator: {exc}") from None
+    use_calibration, tau_used, chosen = choice.calibrate, choice.tau, choice.calibrator
+    # The API's JSON head (service.routes.segment), so that a predicted JSON is the served one.
+    head = {"model": served.name, "version": served.version, **choice.head()}
+    opts = options_from(settings, use_calibration, tau_used, format, json_head=head, calibrator=chosen)
     found, problems = collect_inputs(inputs)
     planned, clashes = plan_outputs(found, out, format, overlay)
     problems += clashes
     typer.echo(
-        f"{served.name}/{served.version}, calibrated: {use_calibration}"
-        + (f" (tau {tau_used:g})" if use_calibration else "")
+        f"{served.name}/{served.version}, calibrator: {chosen}"
+        + (f" (tau {tau_used:g})" if use_calibration and choice.uses_tau else "")
         + f", {len(planned)} image(s), {workers} at once",
         err=True,
     )

@@ -101,8 +101,16 @@ class ServedModel:
 
     @property
     def calibrate_default(self) -> bool:
-        spec = self.bundle.manifest.calibration
-        return self.has_calibration and (spec.enabled_default if spec is not None else True)
+        return self.bundle.default_calibrator != "none"
+
+    @property
+    def calibrator_names(self) -> list[str]:
+        """What requests may ask for (calibrator=): the bundle's calibrators, "none" first."""
+        return list(self.bundle.calibrators)
+
+    @property
+    def default_calibrator(self) -> str:
+        return self.bundle.default_calibrator
 
     @property
     def tau_default(self) -> float:

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from calibration.segmentation import DEFAULT_DECISION_SCALE, decide, decision_size
+from calibration.calibrators.calibrator import decide_calibrator
+from calibration.segmentation import DEFAULT_DECISION_SCALE, decision_size
 from service.imaging import (
     class_counts,
     encode_png_mask,
@@ -47,6 +48,8 @@ class SegmentOptions:
     mask_at: str = "image"  # "image": the mask at the image's size; "decision": at the decision size
     raw_mask: bool = False  # json: the raw decision's mask too, beside the served one
     json_head: dict[str, Any] = field(default_factory=dict)  # leading fields of the JSON body
+    # The bundle's calibrator that makes the served decision when `calibrate` (see choose_calibrator).
+    calibrator: str = "blda"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,65 @@ class Decision:
         return self.calibrated if self.calibrated is not None else self.raw
 
 
+class CalibratorError(ValueError):
+    """A request's calibrator that the model cannot serve (the route answers 422)."""
+
+
+def choose_calibrator(model: ServedModel, calibrate: bool | None, calibrator: str | None) -> str:
+    """The calibrator of one request (the route and `blda predict`): `calibrator` when given (one of the
+    bundle's), else the manifest's default; calibrate=false is "none", calibrate=true without a calibrator
+    the default, or "blda" where the default is "none" (what calibrate=true meant before calibrators)."""
+    names = model.calibrator_names
+    if calibrator is not None and calibrator not in names:
+        raise CalibratorError(
+            f"calibrator: expected one of {names} ({model.name}/{model.version}), got {calibrator!r}"
+        )
+    if calibrate is False:
+        if calibrator not in (None, "none"):
+            raise CalibratorError(f"calibrate=false contradicts calibrator={calibrator}: drop one of them")
+        return "none"
+    if calibrator is not None:
+        if calibrate and calibrator == "none":
+            raise CalibratorError("calibrate=true contradicts calibrator=none: drop one of them")
+        return calibrator
+    if calibrate and model.default_calibrator == "none":
+        if "blda" not in names:
+            raise CalibratorError(f"{model.name}/{model.version} has no calibration tables")
+        return "blda"
+    return model.default_calibrator
+
+
+@dataclass(frozen=True)
+class CalibrationChoice:
+    """What one request serves: the calibrator and, for those on the tables, the tau."""
+
+    calibrator: str
+    tau: float
+    uses_tau: bool
+
+    @property
+    def calibrate(self) -> bool:
+        return self.calibrator != "none"
+
+    def head(self) -> dict[str, Any]:
+        """The JSON body's fields about it (the route's and `blda predict`'s)."""
+        return {
+            "calibrated": self.calibrate,
+            "calibrator": self.calibrator,
+            "tau": self.tau if self.calibrate and self.uses_tau else None,
+        }
+
+
+def resolve_calibration(
+    model: ServedModel, calibrate: bool | None, calibrator: str | None, tau: float | None
+) -> CalibrationChoice:
+    """choose_calibrator, and the tau: the request's, else the calibrator's fitted one, else the manifest's."""
+    chosen = choose_calibrator(model, calibrate, calibrator)
+    fitted = model.bundle.calibrators[chosen]
+    default = fitted.tau if fitted.tau is not None else model.tau_default
+    return CalibrationChoice(chosen, default if tau is None else tau, fitted.uses_tables)
+
+
 def options_from(
     settings: ServiceSettings,
     calibrate: bool,
@@ -70,6 +132,7 @@ def options_from(
     output: str = "png",
     raw_mask: bool = False,
     json_head: dict[str, Any] | None = None,
+    calibrator: str | None = None,
 ) -> SegmentOptions:
     """The options of one segmentation under the service's settings (the route and `blda predict`)."""
     if output not in FORMATS:
@@ -85,6 +148,7 @@ def options_from(
         scaled_decode=settings.scaled_decode,
         raw_mask=raw_mask,
         json_head=dict(json_head or {}),
+        calibrator=calibrator if calibrator is not None else ("blda" if calibrate else "none"),
     )
 
 
@@ -107,10 +171,15 @@ def decide_for(
     """(C, h, w) logits of an (H, W) image -> decisions at min(image, model input x decision_scale)."""
     out = decision_size(size, model.input_size(*size), opts.decision_scale)
     tables = model.bundle.tables
-    if opts.calibrate and tables is None:
-        raise ValueError(f"{model.name}/{model.version} has no calibration tables")
-    taus = (opts.tau,) if opts.calibrate else ()
-    made = decide(logits, out, tables.shifts if tables is not None else None, taus, opts.band_pixels)
+    name = opts.calibrator if opts.calibrate else "none"
+    if name not in model.bundle.calibrators:
+        raise CalibratorError(f"calibrator: expected one of {model.calibrator_names}, got {name!r}")
+    # A request's tau is the strength of the calibrators on the tables (blda, blda+em-prior).
+    calibrator = model.bundle.calibrators[name].with_tau(opts.tau)
+    if calibrator.uses_tables and tables is None:
+        raise CalibratorError(f"{model.name}/{model.version} has no calibration tables")
+    shifts = tables.shifts if tables is not None else None
+    made = decide_calibrator(logits, out, calibrator, shifts, opts.band_pixels)
     if not opts.calibrate:
         return Decision(made.raw, None, made.raw_logit, None)
     return Decision(made.raw, made.calibrated[0], made.raw_logit, made.calibrated_logit[0])

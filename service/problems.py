@@ -66,6 +66,11 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
         "Calibration unavailable",
         "Calibration was requested but the model version has no calibration tables.",
     ),
+    "invalid-calibrator": ProblemType(
+        422,
+        "Invalid calibrator",
+        "The calibrator asked for is not among the model version's, or contradicts `calibrate`.",
+    ),
     "model-not-found": ProblemType(404, "Model not found", "No model of that name is loaded or on disk."),
     "version-not-found": ProblemType(404, "Version not found", "The model has no version of that name."),
     "version-not-loadable": ProblemType(

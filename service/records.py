@@ -58,6 +58,12 @@ class SegmentationRecord:
     calibrated_logits: np.ndarray | None = None
     # False: the client opted out of live recalibration's traffic sample (``record=false``).
     record: bool = True
+    # The bundle's calibrator of the served decision ("" when not recorded: "blda" if calibrate else "none").
+    calibrator: str = ""
+
+    @property
+    def calibrator_name(self) -> str:
+        return self.calibrator or ("blda" if self.calibrate else "none")
 
     @property
     def served_decision(self) -> np.ndarray:

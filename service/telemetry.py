@@ -459,6 +459,13 @@ class Telemetry:
             "blda_segmented_images", "Images segmented, by whether calibration ran.",
             ["model", "version", "calibrated"], registry=reg,
         )  # fmt: skip
+        self.calibrator_images = Counter(
+            "blda_calibrator_images",
+            "Images segmented, by the calibrator of the served decision "
+            "(bounded: the bundle's calibrators; none is the raw argmax).",
+            ["model", "version", "calibrator"],
+            registry=reg,
+        )
         self.model_info = Gauge(
             "blda_model_info", "1 for each model version loaded by a live worker process.",
             ["model", "version", "calibration"], multiprocess_mode="livemax", registry=reg,
@@ -524,7 +531,12 @@ class Telemetry:
     # -- bundles ---------------------------------------------------------------------------------------
 
     def register_version(
-        self, model: str, version: str, class_names: Sequence[str], tables: CalibrationTables | None
+        self,
+        model: str,
+        version: str,
+        class_names: Sequence[str],
+        tables: CalibrationTables | None,
+        calibrators: Sequence[str] = (),
     ) -> None:
         """Create every series of a model version at 0 (idempotent).
 
@@ -539,6 +551,8 @@ class Telemetry:
             children = self._make_children(model, version, names)
             totals = BiasTotals(class_names=names)
             self.model_info.labels(model, version, str(tables is not None).lower()).set(1)
+            for name in calibrators:
+                self.calibrator_images.labels(model, version, name)
             if tables is not None:
                 self._quantiles[key] = tabulate_quantiles(tables)
                 totals.source_share, totals.target_share = table_shares(tables)
@@ -587,6 +601,8 @@ class Telemetry:
                 continue
             children.stages[stage].observe(getattr(timings, stage))
         children.images[stats.calibrated is not None].inc()
+        # Bounded: the route only serves the bundle's calibrators (service.pipeline.choose_calibrator).
+        self.calibrator_images.labels(record.model_name, record.model_version, record.calibrator_name).inc()
         sides = [(0, stats.raw)] if stats.calibrated is None else [(0, stats.raw), (1, stats.calibrated)]
         for d, side in sides:
             for c in np.flatnonzero(side.pixels):
@@ -719,7 +735,9 @@ def register_loaded_versions(telemetry: Telemetry, registry: ModelRegistry) -> N
             if version.model is not None and not telemetry.has_version(state.name, version.version):
                 bundle = version.model.bundle
                 names = bundle.manifest.class_names
-                telemetry.register_version(state.name, version.version, names, bundle.tables)
+                telemetry.register_version(
+                    state.name, version.version, names, bundle.tables, list(bundle.calibrators)
+                )
 
 
 def start_monitoring(app: Any, registry: ModelRegistry) -> None:

@@ -230,6 +230,13 @@ def evaluate_command(
     source_format: SourceFormat = None,
     target_format: TargetFormat = None,
     set_: DataSet = None,
+    calibrators: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare calibrators, e.g. none,logit-adjust,em-prior,bcts-em,blda,blda+em-prior (or all): "
+            "strengths chosen on the tuning split; prints one table."
+        ),
+    ] = None,
 ) -> None:
     """mIoU, per-class IoU, class-IoU std and Bias(l), raw and calibrated at each τ (τ = 0: raw only), and
     the PIT check of the tables on the evaluated split; JSON + PNG."""
@@ -256,8 +263,16 @@ def evaluate_command(
             refit=_refit_config(keep_fraction),
             classes=classes,
             data_overrides=_data_overrides(source_format, target_format, set_),
+            calibrators=calibrators.split(",") if calibrators else (),
         )
     _print_summary(metrics)
+    if "calibrators" in metrics:
+        from calibration.calibrators.evaluation import format_table
+
+        compared = metrics["calibrators"]
+        typer.echo(f"calibrators on target {compared['split']} (strengths chosen on tuning):")
+        typer.echo(format_table(compared[compared["split"]]))
+        typer.echo(f"default on the tuning split: {compared['default']}")
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'metrics.png'}")
 
 

@@ -151,6 +151,10 @@ class ExportSpec:
     config: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # name -> calibration.calibrators Calibrator (calibrators.json); None: a bundle without the file.
+    calibrators: dict[str, Any] | None = None
+    default_calibrator: str | None = None
+    tuning_table: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_manifest(spec: ExportSpec, num_classes: int, tables: CalibrationTables | None) -> Manifest:
@@ -165,6 +169,9 @@ def build_manifest(spec: ExportSpec, num_classes: int, tables: CalibrationTables
             num_knots=int(tables.shifts.delta.shape[-1]),
             source_domain=spec.source_domain,
             target_domain=spec.target_domain,
+            calibrators=list(spec.calibrators) if spec.calibrators is not None else None,
+            default_calibrator=spec.default_calibrator,
+            tuning_table=spec.tuning_table,
         )
     return Manifest(
         schema_version=SCHEMA_VERSION,
@@ -203,7 +210,8 @@ def export_bundle(
         num_classes,
         tables,
     )
-    return save_bundle(models_dir, model_bytes, tables, manifest), errors
+    calibrators = spec.calibrators if tables is not None else None
+    return save_bundle(models_dir, model_bytes, tables, manifest, calibrators), errors
 
 
 def run_export(
@@ -260,6 +268,9 @@ def run_export(
             raise ExportError(f"input size: expected HxW, 'none' or 'auto', got {input_size!r}")
         input_size = auto_input_size(loaded, data, data_cfg)
     tables, tables_from = loaded.tables, "checkpoint GMM state" if loaded.tables is not None else "none"
+    fitted: dict[str, Any] | None = None
+    default_calibrator: str | None = None
+    tuning_table: list[dict[str, Any]] = []
     data_desc: dict[str, Any] = {}
     choice: dict[str, Any] = {"enabled": False, "tau": float(taus[0]) if taus else 0.2}
     if data is not None and not (tables_from_checkpoint and tables is not None):
@@ -278,6 +289,27 @@ def run_export(
     if data is not None and tables is not None and len(open_split(data, "target", "tuning", data_cfg)) > 0:
         tuning = load_split(data, "target", "tuning", 0, data_cfg)
         choice = choose_calibration(predictor_for(loaded), tuning, tables, taus)
+        from training.evaluation.calibrators import compare_calibrators
+
+        # Every calibrator, fitted and measured on the tuning split; the bundle serves the best one there.
+        compared = compare_calibrators(
+            predictor_for(loaded),
+            data,
+            ["all"],
+            tables,
+            split="tuning",
+            fit_limit=min(limit, 100) if limit > 0 else 100,
+            data_cfg=data_cfg,
+            cost=False,
+            blda_taus=taus,
+        )
+        fitted = compared.fitted
+        default_calibrator = compared.default
+        tuning_table = compared.rows["tuning"]
+        if "blda" in fitted and fitted["blda"].tau is not None:
+            choice["tau"] = fitted["blda"].tau
+        choice["enabled"] = default_calibrator != "none"
+        choice["default_calibrator"] = default_calibrator
     elif data is not None and tables is not None:
         choice["reason"] = "no target tuning images to measure it on: off by default"
     elif tables is not None:
@@ -314,6 +346,9 @@ def run_export(
         config=_jsonable(config),
         data=_jsonable(data_desc),
         metrics=_jsonable(metrics),
+        calibrators=fitted,
+        default_calibrator=default_calibrator,
+        tuning_table=_jsonable(tuning_table),
     )
     bundle, errors = export_bundle(loaded.model, spec, out, tables, tolerance)
     return {

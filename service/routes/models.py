@@ -24,6 +24,11 @@ class CalibrationInfo(BaseModel):
     num_knots: int | None = None
     source_domain: str = ""
     target_domain: str = ""
+    calibrators: list[str] = Field(default=["none"], description="what segment's calibrator= accepts")
+    default_calibrator: str = "none"
+    tuning_table: list[dict[str, Any]] = Field(
+        default=[], description="the calibrators measured on the tuning split when the bundle was made"
+    )
 
 
 class VersionInfo(BaseModel):
@@ -93,6 +98,9 @@ def _version_info(state: VersionState, active: bool) -> VersionInfo:
         num_knots=spec.num_knots if spec else None,
         source_domain=spec.source_domain if spec else "",
         target_domain=spec.target_domain if spec else "",
+        calibrators=model.calibrator_names,
+        default_calibrator=model.default_calibrator,
+        tuning_table=spec.tuning_table if spec else [],
     )
     return info.model_copy(
         update={

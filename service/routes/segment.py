@@ -29,7 +29,16 @@ from service.feedback import FeedbackStore
 from service.imaging import ImageDecodeError, ImageTooLargeError
 from service.inference import InferenceRunner, ServedModel
 from service.names import NAME_PATTERN, ModelNameParam
-from service.pipeline import Decision, SegmentOptions, decide_for, decode, encode, options_from
+from service.pipeline import (
+    CalibratorError,
+    Decision,
+    SegmentOptions,
+    decide_for,
+    decode,
+    encode,
+    options_from,
+    resolve_calibration,
+)
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.records import SegmentationObserver, SegmentationRecord, StageTimings
 from service.registry import ModelRegistry, NotReady, RegistryError, VersionNotFound, VersionNotLoadable
@@ -55,6 +64,7 @@ class SegmentationJson(BaseModel):
     model: str
     version: str
     calibrated: bool
+    calibrator: str = Field(description="the calibrator of the served decision (none: the raw argmax)")
     tau: float | None = Field(description="tau used when calibrated, else null")
     classes: list[str] = Field(description="class names by id")
     class_counts: dict[str, int] = Field(description="pixels per class name in the mask")
@@ -104,6 +114,10 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             "X-Calibrated": {"schema": {"type": "string", "enum": ["true", "false"]}},
             "X-Image-Size": {"schema": {"type": "string"}, "description": "HxW of the image"},
             "X-Mask-Size": {"schema": {"type": "string"}, "description": "HxW of the returned mask"},
+            "X-Calibrator": {
+                "schema": {"type": "string"},
+                "description": "the calibrator of the served decision (none: the raw argmax)",
+            },
             "Server-Timing": {
                 "schema": {"type": "string"},
                 "description": "decode, infer, calibrate, encode (ms)",
@@ -121,6 +135,14 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 
 CalibrateQuery = Annotated[
     bool | None, Query(description="apply the BLDA calibrated decision; default from the model's manifest")
+]
+CalibratorQuery = Annotated[
+    str | None,
+    Query(
+        max_length=32,
+        description="the bundle's calibrator for the served decision (`GET /v1/models/{name}` lists them: "
+        "none, logit-adjust, em-prior, bcts, bcts-em, blda, blda+em-prior); default from the manifest",
+    ),
 ]
 TauQuery = Annotated[
     float | None, Query(ge=0.0, le=TAU_MAX, description="calibration strength; default from the manifest")
@@ -256,6 +278,7 @@ async def _segment(
     request: Request,
     name: str | None,
     calibrate: bool | None,
+    calibrator: str | None,
     tau: float | None,
     output: str,
     raw_mask: bool,
@@ -271,20 +294,17 @@ async def _segment(
         model = _serving(registry, name, version)
     except RegistryError as exc:
         raise problem_from(exc) from exc
-    if calibrate and not model.has_calibration:
+    if calibrate and not model.has_calibration and calibrator is None:
         raise Problem("calibration-unavailable", f"{model.name}/{model.version} has no calibration tables")
-    use_calibration = model.calibrate_default if calibrate is None else calibrate
-    tau_used = model.tau_default if tau is None else tau
+    try:
+        choice = resolve_calibration(model, calibrate, calibrator, tau)
+    except CalibratorError as exc:
+        raise Problem("invalid-calibrator", str(exc)) from exc
+    use_calibration, tau_used, chosen = choice.calibrate, choice.tau, choice.calibrator
     request_id: str = request.state.request_id
-    head = {
-        "request_id": request_id,
-        "model": model.name,
-        "version": model.version,
-        "calibrated": use_calibration,
-        "tau": tau_used if use_calibration else None,
-    }
+    head = {"request_id": request_id, "model": model.name, "version": model.version, **choice.head()}
     opts = replace(
-        options_from(settings, use_calibration, tau_used, output, raw_mask, head), mask_at=mask_size
+        options_from(settings, use_calibration, tau_used, output, raw_mask, head, chosen), mask_at=mask_size
     )
     job = _Job(model=model, opts=opts)
 
@@ -308,11 +328,12 @@ async def _segment(
         "X-Model-Name": model.name,
         "X-Model-Version": model.version,
         "X-Calibrated": "true" if use_calibration else "false",
+        "X-Calibrator": chosen,
         "Server-Timing": timings.server_timing(),
         "X-Image-Size": f"{done.size[0]}x{done.size[1]}",
         "X-Mask-Size": _mask_size(done, mask_size),
     }
-    if use_calibration:
+    if use_calibration and choice.uses_tau:
         headers["X-Calibration-Tau"] = f"{tau_used:g}"
     background = None
     store: FeedbackStore | None = getattr(request.app.state, "feedback_store", None)
@@ -332,6 +353,7 @@ async def _segment(
             tau=tau_used,
             timings=timings,
             record=record_traffic,
+            calibrator=chosen,
         )
         if store is not None:
             # Before the response: a feedback sent the moment the client has it must find it.
@@ -373,6 +395,7 @@ async def segment_with_model(
     settings: SettingsDep,
     observers: ObserversDep,
     calibrate: CalibrateQuery = None,
+    calibrator: CalibratorQuery = None,
     tau: TauQuery = None,
     format: FormatQuery = "png",
     raw_mask: RawMaskQuery = False,
@@ -384,6 +407,7 @@ async def segment_with_model(
         request,
         name,
         calibrate,
+        calibrator,
         tau,
         format,
         raw_mask,
@@ -412,6 +436,7 @@ async def segment_with_default(
     settings: SettingsDep,
     observers: ObserversDep,
     calibrate: CalibrateQuery = None,
+    calibrator: CalibratorQuery = None,
     tau: TauQuery = None,
     format: FormatQuery = "png",
     raw_mask: RawMaskQuery = False,
@@ -423,6 +448,7 @@ async def segment_with_default(
         request,
         None,
         calibrate,
+        calibrator,
         tau,
         format,
         raw_mask,

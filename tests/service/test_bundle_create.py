@@ -182,6 +182,21 @@ def test_a_foreign_model_becomes_a_calibrated_served_bundle(foreign: dict[str, P
     choice = manifest["provenance"]["metrics"]["calibration_choice"]
     assert choice["images"] == 2 and set(choice["calibrated_miou"]) == {"0.1", "0.2", "0.4"}
     assert manifest["calibration"]["enabled_default"] == choice["enabled"]
+    # Every calibrator is fitted and measured on the held-out images; the default is the best there.
+    calibration = manifest["calibration"]
+    assert calibration["calibrators"] == [
+        "none",
+        "logit-adjust",
+        "em-prior",
+        "bcts",
+        "bcts-em",
+        "blda",
+        "blda+em-prior",
+    ]
+    rows = {r["calibrator"]: r["miou"] for r in calibration["tuning_table"]}
+    best = max(rows, key=lambda n: rows[n])
+    assert calibration["default_calibrator"] == (best if rows[best] > rows["none"] else "none")
+    assert "calibrators.json" in manifest["files"]
     assert len(choice["pit"]["mean_u"]) == C7 and sum(choice["pit"]["pixels"]) > 0
     assert manifest["provenance"]["config"]["graph"]["dynamic_axes"] == {
         "input": [0, 2, 3],
@@ -194,6 +209,7 @@ def test_a_foreign_model_becomes_a_calibrated_served_bundle(foreign: dict[str, P
     inspected = runner.invoke(app, ["bundle", "inspect", str(bundle)])
     assert inspected.exit_code == 0, inspected.output
     assert "pairs fitted source" in inspected.output and "PIT (held-out)" in inspected.output
+    assert "calibrators: none, logit-adjust" in inspected.output and "| blda+em-prior |" in inspected.output
     figures = json.loads(runner.invoke(app, ["bundle", "inspect", str(bundle), "--json"]).output)
     assert figures["tables"]["pairs"] == C7 * C7 and figures["tables"]["source_pairs_fitted"] > 0
 

@@ -137,6 +137,10 @@ def test_demo_page_in_chromium(server: str, tmp_path: Path) -> None:
             page.wait_for_selector("body[data-ready='true']")
             legend = page.locator("#legend .cls").evaluate_all("rows => rows.map(r => r.dataset.class)")
             assert legend == classes
+            # The calibrator select offers the version's calibrators (a bundle without calibrators.json:
+            # none and blda) and starts on one that calibrates, so the page compares two decisions.
+            options = page.locator("#calibrator option").evaluate_all("os => os.map(o => o.value)")
+            assert options == ["none", "blda"] and page.locator("#calibrator").input_value() == "blda"
 
             # Both overlays drawn, at the image's size; the changed-pixel count is the API's.
             page.set_input_files("#file", str(image))

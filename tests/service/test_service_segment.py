@@ -384,6 +384,7 @@ def test_openapi_docs_and_demo_page(client: TestClient) -> None:
     assert {p["name"] for p in segment["parameters"]} == {
         "name",
         "calibrate",
+        "calibrator",
         "tau",
         "format",
         "raw_mask",

@@ -36,6 +36,7 @@ from training.evaluation.predictors import (
     Predictor,
     ResizingPredictor,
     TorchPredictor,
+    model_input_size,
 )
 from training.tables import PixelSampler, fit_serving_tables
 
@@ -74,13 +75,6 @@ class Confusions:
     raw: np.ndarray  # (C, C) int64
     calibrated: dict[float, np.ndarray]  # τ -> (C, C) int64
     num_images: int
-
-
-def model_input_size(predictor: Predictor, height: int, width: int) -> tuple[int, int]:
-    """(H, W) the model sees for an (height, width) image: a ResizingPredictor's target, else the image's."""
-    if isinstance(predictor, ResizingPredictor):
-        return predictor.target_size(height, width)
-    return height, width
 
 
 def accumulate_confusions(
@@ -315,9 +309,12 @@ def run_evaluate(
     refit: RefitConfig = RefitConfig(),
     classes: int | None = None,
     data_overrides: Sequence[str] = (),
+    calibrators: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`blda evaluate`: writes OUT/metrics.json and OUT/metrics.png, returns the metrics. τ = 0 entries are
-    dropped (raw is always reported). The PIT check of the tables runs on the evaluated split's labels.
+    dropped (raw is always reported). `calibrators` (names, see calibration.calibrators.fit.parse_names)
+    adds metrics["calibrators"]: each fitted with strengths chosen on the tuning split, and its table on
+    the tuning split and on `split` (training.evaluation.calibrators). The PIT check of the tables runs on the evaluated split's labels.
     The data are read as the model's training data config says (defaults when unknown), with
     `data_overrides` ("key=value") on top. `classes` (19, 16 or 13; None: all of the model's) is the class
     subset "miou" averages, the SYNTHIA protocol's."""
@@ -331,8 +328,13 @@ def run_evaluate(
     subset = class_subset(classes, len(mut.class_names))
     data_cfg = data_config(mut.data_config, data_overrides)
     taus = [float(t) for t in taus if t > 0]
+    from calibration.calibrators.fit import TABLE_CALIBRATORS, parse_names
+
+    names = parse_names(calibrators) if calibrators else []
     chosen, tables_desc = (
-        serving_tables(mut, data, tables, fit_limit, refit, data_cfg) if taus else (None, {"source": "none"})
+        serving_tables(mut, data, tables, fit_limit, refit, data_cfg)
+        if taus or TABLE_CALIBRATORS.intersection(names)
+        else (None, {"source": "none"})
     )
     sampler = PixelSampler(4096, seed=7)
     samples = load_split(data, "target", split, limit, data_cfg)
@@ -359,6 +361,11 @@ def run_evaluate(
     if with_source:
         source = load_split(data, "source", "val", limit, data_cfg)
         metrics["source"] = evaluate(mut.predictor, source, mut.class_names, subset=subset)
+    if names:
+        from training.evaluation.calibrators import compare_calibrators
+
+        compared = compare_calibrators(mut.predictor, data, names, chosen, split, limit, data_cfg=data_cfg)
+        metrics["calibrators"] = compared.to_json(split)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     plot_evaluation({**target, "classes": mut.class_names}, out / "metrics.png")

@@ -100,3 +100,10 @@ def upsample_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return logits
     t = F.interpolate(torch.from_numpy(logits), size=size, mode="bilinear", align_corners=False)
     return t.numpy()
+
+
+def model_input_size(predictor: Predictor, height: int, width: int) -> tuple[int, int]:
+    """(H, W) the model sees for an (height, width) image: a ResizingPredictor's target, else the image's."""
+    if isinstance(predictor, ResizingPredictor):
+        return predictor.target_size(height, width)
+    return height, width
