@@ -58,4 +58,7 @@ def write_candidate(
     candidate = manifest.model_copy(
         update={"version": version, "provenance": provenance, "description": description, "files": {}}
     )
-    return save_bundle(models_dir, base.model_path, tables, candidate)
+    # The fitted calibrators (offsets, temperatures, τ) do not depend on the target tables: they carry
+    # over, so that the candidate serves the same calibrator=, now on the refitted tables.
+    listed = manifest.calibration is not None and manifest.calibration.calibrators is not None
+    return save_bundle(models_dir, base.model_path, tables, candidate, base.calibrators if listed else None)

@@ -106,3 +106,17 @@ def test_legacy_calibrators_follow_the_manifests_tau_and_switch() -> None:
     assert list(got) == ["none", "blda"] and got["blda"].tau == 0.4 and default == "none"
     assert legacy_calibrators(CalibrationSpec(enabled_default=True), True)[1] == "blda"
     assert list(legacy_calibrators(None, False)[0]) == ["none"]
+
+
+def test_a_recalibrated_candidate_keeps_the_fitted_calibrators(tmp_path: Path) -> None:
+    from service.recalibration.candidate import write_candidate
+
+    base = load_bundle(_save(tmp_path, _fitted()))
+    refitted = _tables()
+    path = write_candidate(tmp_path / "models", base, refitted, {"requests": 3})
+    candidate = load_bundle(path)
+    assert candidate.version != base.version
+    assert list(candidate.calibrators) == list(base.calibrators)
+    assert candidate.default_calibrator == base.default_calibrator
+    np.testing.assert_array_equal(candidate.calibrators["bcts-em"].bias, base.calibrators["bcts-em"].bias)
+    assert candidate.calibrators["blda"].tau == 0.4
