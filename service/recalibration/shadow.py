@@ -228,6 +228,10 @@ class ShadowMonitor:
         """A segmentation observer (on the worker pool, after the response)."""
         if not record.calibrate or record.calibrated_decision is None or record.tables is None:
             return
+        # The candidate differs from the active version by its BLDA tables only: a request served by
+        # another calibrator (an offset rule) would compare two different rules, not two table sets.
+        if record.calibrator_name != "blda":
+            return
         if record.calibrated_logits is None:
             return
         models = self._models(record)
