@@ -42,3 +42,10 @@ $PY scripts/compare_classes.py --runs runs/arms/default --base self-training --o
 [ -d models/blda-synth/2.0.0 ] || $BLDA export --checkpoint runs/arms/default/self-training-s0/checkpoint.pt \
   --data data/synth --out models --name blda-synth --version 2.0.0 \
   --metrics runs/arms/default/self-training-s0/evaluate-val/metrics.json
+# The same export with every calibrator fitted (calibrators.json; default chosen on the tuning split), and
+# the calibrators beside BLDA for every model (README "BLDA beside the classical corrections").
+[ -d models/blda-synth/2.1.0 ] || $BLDA export --checkpoint runs/arms/default/self-training-s0/checkpoint.pt \
+  --data data/synth --out models --name blda-synth --version 2.1.0 \
+  --metrics runs/arms/default/self-training-s0/evaluate-val/metrics.json
+PYTHONPATH=. $PY scripts/calibrators.py --out runs/calibrators \
+  --benchmark default runs/arms/default data/synth --benchmark heldout runs/arms/heldout data/synth-heldout-1.5

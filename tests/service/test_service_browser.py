@@ -118,7 +118,9 @@ def test_demo_page_in_chromium(server: str, tmp_path: Path) -> None:
     image.write_bytes(data)
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
-    classes = [c["name"] for c in httpx.get(f"{server}/v1/models/{MODEL}", timeout=10).json()["classes"]]
+    info = httpx.get(f"{server}/v1/models/{MODEL}", timeout=10).json()
+    classes = [c["name"] for c in info["classes"]]
+    active = next(v for v in info["versions"] if v["active"])["calibration"]
     dirs = shots_dir(tmp_path)
 
     def shot(page: Any, name: str) -> None:
@@ -137,10 +139,11 @@ def test_demo_page_in_chromium(server: str, tmp_path: Path) -> None:
             page.wait_for_selector("body[data-ready='true']")
             legend = page.locator("#legend .cls").evaluate_all("rows => rows.map(r => r.dataset.class)")
             assert legend == classes
-            # The calibrator select offers the version's calibrators (a bundle without calibrators.json:
-            # none and blda) and starts on one that calibrates, so the page compares two decisions.
+            # The calibrator select offers the active version's calibrators and starts on its default
+            # (one that calibrates), so the page compares two decisions.
             options = page.locator("#calibrator option").evaluate_all("os => os.map(o => o.value)")
-            assert options == ["none", "blda"] and page.locator("#calibrator").input_value() == "blda"
+            assert options == active["calibrators"] and len(options) > 2
+            assert page.locator("#calibrator").input_value() == active["default_calibrator"] == "blda"
 
             # Both overlays drawn, at the image's size; the changed-pixel count is the API's.
             page.set_input_files("#file", str(image))
