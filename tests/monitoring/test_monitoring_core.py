@@ -23,6 +23,7 @@ from service.telemetry import (
     anchor_quantiles,
     bias_report,
     bucket_counts,
+    bucket_index,
     class_pixels,
     pixel_weights,
     positive_quantiles,
@@ -83,6 +84,18 @@ def test_bucket_counts_match_a_loop_with_le_semantics(values: list[float], seed:
         expected_sums[c] += weight * value
     np.testing.assert_array_equal(counts, expected)
     np.testing.assert_allclose(sums, expected_sums, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.sampled_from([*LOGIT_BUCKETS, *QUANTILE_BUCKETS, float("nan"), float("inf"), -float("inf")])
+                    | st.floats(-40, 40), min_size=0, max_size=80),
+    logit=st.booleans(),
+)  # fmt: skip
+def test_bucket_index_is_searchsorted_left(values: list[float], logit: bool) -> None:
+    edges = np.asarray(LOGIT_BUCKETS if logit else QUANTILE_BUCKETS, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    np.testing.assert_array_equal(bucket_index(v, edges), np.searchsorted(edges, v, side="left"))
 
 
 @pytest.mark.parametrize("input_size", [(28, 36), (30, 41), (5, 3)])
