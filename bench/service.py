@@ -44,7 +44,14 @@ import numpy as np
 from PIL import Image
 
 from bench import floors
-from calibration.bundle import CalibrationSpec, discover_bundles, load_bundle, save_bundle, version_key
+from calibration.bundle import (
+    CalibrationSpec,
+    discover_bundles,
+    load_bundle,
+    save_bundle,
+    stored_calibrators,
+    version_key,
+)
 from calibration.distributions import fit_pair_gmms
 from calibration.segmentation import resize_nearest
 from calibration.tables import build_calibration_tables
@@ -97,7 +104,7 @@ def staged_models(bundle_dir: Path, root: Path, threads: int) -> tuple[Path, str
     bundle = load_bundle(bundle_dir)
     models_dir = root / "models"
     if bundle.tables is not None:
-        save_bundle(models_dir, bundle.model_path, bundle.tables, bundle.manifest)
+        save_bundle(models_dir, bundle.model_path, bundle.tables, bundle.manifest, stored_calibrators(bundle))
         return models_dir, "the bundle's own"
     model = load_served_model(bundle_dir, threads)
     logits = []

@@ -403,6 +403,13 @@ def _served_calibrators(
     return calibrators, spec.default_calibrator or "none"
 
 
+def stored_calibrators(bundle: Bundle) -> dict[str, Calibrator] | None:
+    """The calibrators to write with a copy of ``bundle`` (save_bundle): its own when its manifest lists
+    them (a calibrators.json), None for a bundle from before calibrators (which serves them unstored)."""
+    spec = bundle.manifest.calibration
+    return bundle.calibrators if spec is not None and spec.calibrators is not None else None
+
+
 def save_bundle(
     models_dir: str | Path,
     model_onnx: str | Path | bytes,

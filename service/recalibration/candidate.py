@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from calibration.bundle import Bundle, next_version, save_bundle
+from calibration.bundle import Bundle, next_version, save_bundle, stored_calibrators
 from calibration.refit import RefitConfig
 from calibration.tables import CalibrationTables
 from calibration.traffic import TrafficRefit, TrafficSample
@@ -60,5 +60,4 @@ def write_candidate(
     )
     # The fitted calibrators (offsets, temperatures, τ) do not depend on the target tables: they carry
     # over, so that the candidate serves the same calibrator=, now on the refitted tables.
-    listed = manifest.calibration is not None and manifest.calibration.calibrators is not None
-    return save_bundle(models_dir, base.model_path, tables, candidate, base.calibrators if listed else None)
+    return save_bundle(models_dir, base.model_path, tables, candidate, stored_calibrators(base))
