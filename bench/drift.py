@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,8 @@ from typing import Any
 
 import httpx
 
+from bench._server import Server
+
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "bench-drift-key"
 PNG = {"content-type": "image/png"}
@@ -47,52 +48,12 @@ VARIANTS = {
     # A new city seen by a similar camera: the label distribution moves most.
     "labels": ["--seed", "3", "--shift-strength", "1.5", "--appearance-shift", "1.5", "--label-shift", "3.0"],
 }
+SERVE_OPTIONS = ("--workers", "2", "--no-access-log", "--log-level", "warning")
 SYNTH_COUNTS = ["--count", "20", "--source-val-count", "10", "--target-count", "300", "--val-count", "100"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def blda(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "blda", *args], cwd=REPO, check=True)
-
-
-class Server:
-    """`blda serve --workers 2` on a free port, output to a log file."""
-
-    def __init__(self, models: Path, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self._log = open(log, "ab")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "blda", "serve", "--port", str(self.port), "--workers", "2",
-             "--models-dir", str(models), "--no-access-log", "--log-level", "warning"],
-            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"the server exited with {self.process.returncode}; see {log}")
-            try:
-                if httpx.get(self.base + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise SystemExit(f"the server was not ready within 180 s; see {log}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self._log.close()
 
 
 def images_of(data: Path, split: str) -> list[Path]:
@@ -153,7 +114,7 @@ def main() -> None:
         "synth": synth,
     }
 
-    server = Server(models, env, work / "server.log")
+    server = Server(models, env, SERVE_OPTIONS, work / "server.log").wait_ready()
     try:
         statuses: Counter[str] = Counter()
         lock = threading.Lock()
@@ -237,7 +198,7 @@ def main() -> None:
     finally:
         server.stop()
 
-    server = Server(models, env, work / "server.log")
+    server = Server(models, env, SERVE_OPTIONS, work / "server.log").wait_ready()
     try:
         served = httpx.get(f"{server.base}/v1/models/{name}", timeout=30).json()
         answer = httpx.post(

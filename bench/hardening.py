@@ -34,15 +34,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench._server import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "bench-admin-key"
 PNG = {"content-type": "image/png"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def image_bytes(seed: int, height: int = 256, width: int = 512) -> bytes:

@@ -26,10 +26,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from bench import floors
+from bench._server import Server
 from calibration.bundle import (
     CalibrationSpec,
     discover_bundles,
@@ -122,66 +119,6 @@ def staged_models(bundle_dir: Path, root: Path, threads: int) -> tuple[Path, str
 def in_process(model: ServedModel, data: bytes, calibrate: bool, settings: ServiceSettings) -> bytes:
     """What the service does for one request, minus HTTP: the same pipeline functions (service.pipeline)."""
     return segment_bytes(model, data, options_from(settings, calibrate, model.tau_default)).body
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """`blda serve` with its defaults (access log included) on a free port; its output goes to a log file."""
-
-    def __init__(
-        self, models_dir: Path, model: str, env: dict[str, str], options: tuple[str, ...] = ()
-    ) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "blda",
-            "serve",
-            "--port",
-            str(self.port),
-            "--models-dir",
-            str(models_dir),
-            *options,
-        ]
-        environment = {**os.environ, "BLDA_DEFAULT_MODEL": model, **env}
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
-        self.process = subprocess.Popen(
-            command, cwd=REPO, env=environment, stdout=self.log, stderr=subprocess.STDOUT
-        )
-
-    def fail(self, why: str) -> SystemExit:
-        self.log.seek(0)
-        tail = self.log.read().decode(errors="replace")[-3000:]
-        return SystemExit(f"{why}; server output:\n{tail}")
-
-    def __enter__(self) -> Server:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise self.fail(f"the server exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.process.kill()
-        raise self.fail("the server was not ready within 120 s")
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.log.close()
 
 
 def interleaved(
@@ -398,7 +335,7 @@ def main() -> None:
 
         profiles: dict[tuple[str, tuple[int, int]], tuple[list[StageRow], dict[str, float]]] = {}
         with (
-            Server(models_dir, model.name, {}) as server,
+            Server(models_dir, {"BLDA_DEFAULT_MODEL": model.name}, ready_timeout_s=120) as server,
             httpx.Client(base_url=server.base, timeout=60) as client,
         ):
             for (fmt, size), data in images.items():
@@ -432,7 +369,9 @@ def main() -> None:
         variants = []
         if args.variants:
             for label, cli, env in VARIANTS:
-                with Server(models_dir, model.name, env, cli) as server:
+                with Server(
+                    models_dir, {"BLDA_DEFAULT_MODEL": model.name, **env}, cli, ready_timeout_s=120
+                ) as server:
                     rate_v, single_v = throughputs(
                         server.base, png_small, "image/png", args.clients, 4 * args.clients, 2
                     )
