@@ -14,6 +14,19 @@ import numpy as np
 SUM_TOLERANCE = 2e-2
 
 
+def log_softmax(u: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Plain numpy, the core's one softmax: scipy.special.log_softmax goes through its array-API
+    dispatch, which looks torch up in sys.modules and fails where a torch-free process has blocked it
+    (`blda bundle create`'s tests run so)."""
+    m = u.max(axis=axis, keepdims=True)
+    shifted = u - m
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def softmax(u: np.ndarray, axis: int = 0) -> np.ndarray:
+    return np.exp(log_softmax(u, axis))
+
+
 class NotLogitsError(ValueError):
     """Probabilities or log-probabilities where logits were expected; str() says how it was told."""
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import softmax
 
 from calibration.distributions import Gmm, fit_pair_gmms
 from calibration.labels import IGNORE_INDEX
+from calibration.logits import softmax
 from calibration.tables import CalibrationTables, build_calibration_tables
 
 

@@ -18,13 +18,8 @@ from typing import Any
 import numpy as np
 
 from calibration.alignment import ShiftTables, shift_values
-from calibration.calibrators.temperature import log_softmax
+from calibration.logits import softmax
 from calibration.segmentation import DEFAULT_BAND_PIXELS, Decisions, decide
-
-
-def softmax(u: np.ndarray, axis: int = 0) -> np.ndarray:
-    return np.exp(log_softmax(u, axis))
-
 
 # Every calibrator a bundle can carry, in the order tables list them.
 CALIBRATOR_NAMES: tuple[str, ...] = (

@@ -8,13 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-
-def log_softmax(u: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Plain numpy (scipy.special's goes through its array-API dispatch, which inspects sys.modules
-    for torch: a torch-free serving process must not depend on what that finds)."""
-    m = u.max(axis=axis, keepdims=True)
-    shifted = u - m
-    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+from calibration.logits import log_softmax
 
 
 @dataclass(frozen=True)
