@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
@@ -182,6 +182,23 @@ MaskSizeQuery = Annotated[
 
 
 @dataclass(frozen=True)
+class SegmentQuery:
+    """The query of both segment routes, as one dependency (FastAPI reads the fields as query parameters)."""
+
+    calibrate: CalibrateQuery = None
+    calibrator: CalibratorQuery = None
+    tau: TauQuery = None
+    format: FormatQuery = "png"
+    raw_mask: RawMaskQuery = False
+    version: VersionQuery = None
+    record: RecordQuery = True
+    mask_size: MaskSizeQuery = "image"
+
+
+SegmentQueryDep = Annotated[SegmentQuery, Depends()]
+
+
+@dataclass(frozen=True)
 class _Done:
     size: tuple[int, int]  # (H, W) of the uploaded image
     logits: np.ndarray  # (C, h, w)
@@ -277,19 +294,14 @@ def _serving(registry: ModelRegistry, name: str | None, version: str | None) -> 
 async def _segment(
     request: Request,
     name: str | None,
-    calibrate: bool | None,
-    calibrator: str | None,
-    tau: float | None,
-    output: str,
-    raw_mask: bool,
-    version: str | None,
-    mask_size: str,
+    query: SegmentQuery,
     registry: RegistryDep,
     runner: RunnerDep,
     settings: SettingsDep,
     observers: ObserversDep,
-    record_traffic: bool = True,
 ) -> Response:
+    calibrate, calibrator, tau, version = query.calibrate, query.calibrator, query.tau, query.version
+    output, raw_mask, mask_size = query.format, query.raw_mask, query.mask_size
     try:
         model = _serving(registry, name, version)
     except RegistryError as exc:
@@ -352,7 +364,7 @@ async def _segment(
             calibrate=use_calibration,
             tau=tau_used,
             timings=timings,
-            record=record_traffic,
+            record=query.record,
             calibrator=chosen,
         )
         if store is not None:
@@ -394,30 +406,16 @@ async def segment_with_model(
     runner: RunnerDep,
     settings: SettingsDep,
     observers: ObserversDep,
-    calibrate: CalibrateQuery = None,
-    calibrator: CalibratorQuery = None,
-    tau: TauQuery = None,
-    format: FormatQuery = "png",
-    raw_mask: RawMaskQuery = False,
-    version: VersionQuery = None,
-    record: RecordQuery = True,
-    mask_size: MaskSizeQuery = "image",
+    query: SegmentQueryDep,
 ) -> Response:
     return await _segment(
         request,
         name,
-        calibrate,
-        calibrator,
-        tau,
-        format,
-        raw_mask,
-        version,
-        mask_size,
+        query,
         registry,
         runner,
         settings,
         observers,
-        record,
     )
 
 
@@ -435,28 +433,14 @@ async def segment_with_default(
     runner: RunnerDep,
     settings: SettingsDep,
     observers: ObserversDep,
-    calibrate: CalibrateQuery = None,
-    calibrator: CalibratorQuery = None,
-    tau: TauQuery = None,
-    format: FormatQuery = "png",
-    raw_mask: RawMaskQuery = False,
-    version: VersionQuery = None,
-    record: RecordQuery = True,
-    mask_size: MaskSizeQuery = "image",
+    query: SegmentQueryDep,
 ) -> Response:
     return await _segment(
         request,
         None,
-        calibrate,
-        calibrator,
-        tau,
-        format,
-        raw_mask,
-        version,
-        mask_size,
+        query,
         registry,
         runner,
         settings,
         observers,
-        record,
     )
